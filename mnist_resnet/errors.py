@@ -1,0 +1,30 @@
+"""The project's own error types.
+
+Anything a user can cause (a broken file, a bad config value, missing weights, a
+diverging run) raises a subclass of `MnistResnetError` with a one-line message
+that names the file or key and what is wrong. Entry points (`train.py`,
+`python -m mnist_resnet.*`) print that line to stderr and exit with code 2;
+everything else is a bug and keeps its traceback.
+"""
+
+EXIT_USER_ERROR = 2
+
+
+class MnistResnetError(Exception):
+  """Base class of every error a user can cause and fix."""
+
+
+class DataError(MnistResnetError):
+  """An MNIST file is missing, unreadable, corrupt or inconsistent."""
+
+
+class ConfigError(MnistResnetError):
+  """A config value is invalid."""
+
+
+class WeightsError(MnistResnetError):
+  """A pretrained weight file is missing, unreadable or does not fit the model."""
+
+
+class TrainingError(MnistResnetError):
+  """Training cannot go on (for example a non-finite loss)."""

@@ -1,0 +1,34 @@
+"""Shared pytest fixtures.
+
+Real MNIST is read from ../shared/data/mnist beside the checkout (or from
+$MNIST_DIR). Tests that need it skip with a reason when it is absent.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MNIST_DIR = pathlib.Path(
+    os.environ.get("MNIST_DIR", REPO_ROOT.parent / "shared" / "data" / "mnist"))
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _has_mnist(directory: pathlib.Path) -> bool:
+  return all((directory / f).exists() or (directory / (f + ".gz")).exists()
+             for f in MNIST_FILES)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> pathlib.Path:
+  """Directory holding the four real MNIST idx files, or skip."""
+  if not _has_mnist(MNIST_DIR):
+    pytest.skip(f"real MNIST not found in {MNIST_DIR} (set MNIST_DIR to a "
+                "directory with the four idx files to run this test)")
+  return MNIST_DIR
