@@ -1,0 +1,114 @@
+"""The main job: fine-tune Keras's ImageNet ResNet50 on MNIST.
+
+    python train.py --config=configs/default.py --workdir=runs/default
+
+Every other config imports this one and overrides what it needs, so this file
+is the single list of keys. The config is locked: a key that is not defined
+here is an error before anything runs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # --- Data --------------------------------------------------------------
+  # Directory with the four MNIST idx files (train-images-idx3-ubyte.gz and
+  # friends, gzip-compressed or not).
+  c.data_dir = "data/mnist"
+  # Fetch missing files from the public MNIST mirrors (checked against the
+  # official md5). False: a missing file is an error.
+  c.download = True
+
+  # --- Model -------------------------------------------------------------
+  # resnet50 | resnet101 | resnet152 | resnet_tiny (same code, 1 block per
+  # stage, narrow: for tests and smoke runs).
+  c.model = "resnet50"
+  # Where the backbone starts when the workdir holds no checkpoint:
+  # imagenet (Keras's ImageNet weights) | scratch (random init).
+  c.init = "imagenet"
+  # With init=imagenet: a Keras weight file (.h5 / .weights.h5) or a directory
+  # written by `python -m mnist_resnet.convert`. Empty: Keras's own download
+  # and cache (~/.keras/models).
+  c.pretrained_weights = ""
+  # Input normalisation the weights expect: caffe (Keras: BGR, 0-255, ImageNet
+  # mean subtracted) | torch (RGB, 0-1, ImageNet mean/std).
+  c.input_convention = "caffe"
+  # Side of the square model input. 28 is the raw digit; 32 pads 2 pixels each
+  # side; larger sizes resize on the device.
+  c.image_size = 32
+  # Hidden dense layers between the pooled features and the 10-way output
+  # (each followed by ReLU and dropout), e.g. (256,). Empty: one dense layer.
+  c.hidden_units = ()
+  # Dropout before each dense layer of the head (0.5 as in the notebook).
+  c.dropout_rate = 0.5
+  # BatchNorm momentum (Keras convention; 0.99 averages over ~100 steps).
+  c.bn_momentum = 0.99
+  # Initialise the last BatchNorm scale of every residual branch to zero, so
+  # each block starts as the identity. Only affects random init.
+  c.zero_init_residual = False
+  # Compute dtype: float32 | bfloat16. Parameters, BatchNorm statistics and
+  # optimizer state stay float32.
+  c.dtype = "float32"
+
+  # --- Optimisation ------------------------------------------------------
+  # Global batch size, split evenly over every device of every process.
+  c.batch_size = 256
+  # Length of training: num_train_steps when > 0, else num_epochs epochs
+  # (an epoch is 60000 // batch_size steps).
+  c.num_epochs = 3.0
+  c.num_train_steps = -1
+  # sgd (with momentum, optionally Nesterov) | adamw.
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.nesterov = True
+  # Peak learning rate for a global batch of 256; scaled linearly with
+  # batch_size (lr = learning_rate * batch_size / 256).
+  c.learning_rate = 0.1
+  # Linear warmup from 0 to the peak, then cosine decay to 0 at the end.
+  c.warmup_steps = 100
+  # Decoupled weight decay on convolution and dense kernels only (BatchNorm
+  # parameters and biases are not decayed).
+  c.weight_decay = 5e-5
+  # Label smoothing of the cross-entropy targets (0 disables).
+  c.label_smoothing = 0.1
+  # Clip gradients to this global norm (0 disables).
+  c.grad_clip_norm = 0.0
+  # Which parameters train: all | head (backbone frozen: no gradients, no
+  # optimizer state, BatchNorm in inference mode; the original notebook).
+  c.trainable = "all"
+  # Learning-rate multiplier for the backbone when trainable=all: pretrained
+  # features need smaller steps than the freshly initialised head.
+  c.backbone_lr_multiplier = 0.1
+  # Exponential moving average of the parameters, used for evaluation when
+  # > 0 (e.g. 0.999). 0 disables.
+  c.ema_decay = 0.0
+
+  # --- Augmentation (on the device, keyed by step) ----------------------
+  # Random translation of up to this many pixels in each direction.
+  c.aug_max_shift = 2
+  # Random rotation of up to +-this many degrees (0 disables).
+  c.aug_max_rotation = 0.0
+  # Random isotropic scaling by up to +-this fraction (0 disables).
+  c.aug_max_scale = 0.0
+
+  # --- Run ---------------------------------------------------------------
+  # Seed of everything random: init, data order, augmentation, dropout.
+  c.seed = 0
+  # Log train metrics every N steps (TensorBoard, metrics.jsonl, console).
+  c.log_every_steps = 50
+  # Evaluate on the 10,000 test images every N steps; -1: at the end of every
+  # epoch; 0: only at the end. The last step is always evaluated.
+  c.eval_every_steps = -1
+  # Test-set batch size (global); the last batch is padded and masked.
+  c.eval_batch_size = 1000
+  # Save a checkpoint every N steps (and always at the end).
+  c.checkpoint_every_steps = 500
+  # Keep this many most recent checkpoints, plus the best by test accuracy.
+  c.max_checkpoints_to_keep = 3
+  # Capture a jax.profiler trace of this many steps (after the first
+  # checkpointed warm-up) into workdir/profile; 0 disables.
+  c.profile_steps = 0
+
+  return c
