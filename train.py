@@ -25,8 +25,9 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from mnist_resnet import train  # pylint: disable=g-import-not-at-top
+  config = cli.config_value(_CONFIG)
   with cli.user_errors():
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

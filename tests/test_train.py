@@ -1,0 +1,218 @@
+"""The training loop end to end: train.py, checkpoints, resume, devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+SMOKE = str(REPO_ROOT / "configs" / "smoke.py")
+
+
+def run_train(workdir, *overrides, config=SMOKE, devices=1, check=True,
+              timeout=600):
+  """Runs train.py in a subprocess with `devices` CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, str(REPO_ROOT / "train.py"), f"--config={config}",
+         f"--workdir={workdir}", *overrides]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"train.py exited {proc.returncode}:\n"
+                         f"{proc.stderr[-4000:]}")
+  return proc
+
+
+def results(workdir) -> dict:
+  return json.loads((pathlib.Path(workdir) / "results.json").read_text())
+
+
+def metrics(workdir) -> list[dict]:
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_smoke_one_epoch_accuracy(mnist_dir, tmp_path):
+  """The tiny model, one epoch on real MNIST: a fast regression guard."""
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}")
+  r = results(tmp_path)
+  assert r["eval_examples"] == 10000
+  assert r["test_accuracy"] >= 0.97, r["test_accuracy"]
+  assert r["step"] == 468
+  assert len(r["per_class_accuracy"]) == 10
+  for key in ("test_loss", "final_train_loss", "params_sha256",
+              "train_seconds", "images_per_sec", "devices", "config"):
+    assert key in r
+  logged = metrics(tmp_path)
+  assert all("train_loss" in m for m in logged if "test_accuracy" not in m)
+  assert any(name.startswith("events.out.tfevents")
+             for name in os.listdir(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps[-1] == 468
+
+
+@pytest.mark.slow
+def test_resnet50_from_scratch_loss_falls(mnist_dir, tmp_path):
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+            "--config.batch_size=32", "--config.num_train_steps=20",
+            "--config.warmup_steps=5", "--config.log_every_steps=1",
+            "--config.eval_batch_size=2000", "--config.eval_every_steps=0",
+            "--config.checkpoint_every_steps=1000",
+            config=str(REPO_ROOT / "configs" / "scratch.py"))
+  losses = [m["train_loss"] for m in metrics(tmp_path) if "train_loss" in m]
+  assert len(losses) == 20
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(mnist_dir, tmp_path):
+  """Same global batch on 1 and 8 devices: the same training, to rounding."""
+  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=20",
+          "--config.batch_size=64", "--config.log_every_steps=1",
+          "--config.eval_batch_size=1000", "--config.eval_every_steps=0",
+          "--config.checkpoint_every_steps=1000")
+  run_train(tmp_path / "one", *args, devices=1)
+  run_train(tmp_path / "eight", *args, devices=8)
+  one, eight = results(tmp_path / "one"), results(tmp_path / "eight")
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  np.testing.assert_allclose(eight["final_train_loss"],
+                             one["final_train_loss"], rtol=1e-3)
+  assert abs(eight["test_accuracy"] - one["test_accuracy"]) <= 0.002
+
+
+def _wait_for_checkpoint(proc, directory: pathlib.Path, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if directory.exists() and any(p.name.isdigit()
+                                  for p in directory.iterdir()):
+      return
+    if proc.poll() is not None:
+      raise AssertionError("run ended before its first checkpoint:\n"
+                           + proc.stderr.read()[-3000:])
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(mnist_dir, tmp_path):
+  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=300",
+          "--config.checkpoint_every_steps=40", "--config.eval_every_steps=0",
+          "--config.log_every_steps=20")
+  run_train(tmp_path / "straight", *args)
+  expected = results(tmp_path / "straight")
+
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
+       f"--workdir={workdir}", *args], cwd=REPO_ROOT, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_checkpoint(proc, workdir / "checkpoints")
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+  assert not (workdir / "results.json").exists()
+
+  run_train(workdir, *args)
+  resumed = results(workdir)
+  assert resumed["resumed_from"] is not None and resumed["resumed_from"] > 0
+  assert resumed["params_sha256"] == expected["params_sha256"]
+  assert resumed["test_accuracy"] == expected["test_accuracy"]
+
+
+def test_resume_of_finished_run_changes_nothing(mnist_dir, tmp_path):
+  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=30",
+          "--config.checkpoint_every_steps=10", "--config.eval_every_steps=0")
+  run_train(tmp_path, *args)
+  first = results(tmp_path)
+  run_train(tmp_path, *args)
+  again = results(tmp_path)
+  assert again["resumed_from"] == 30 and again["steps_run"] == 0
+  assert again["params_sha256"] == first["params_sha256"]
+  # The N most recent checkpoints, plus the best one.
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [10, 20, 30]
+
+
+def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
+  from mnist_resnet import checkpoint as checkpoint_lib
+  from mnist_resnet import train
+  from configs import frozen_backbone
+
+  config = frozen_backbone.get_config()
+  config.model = "resnet_tiny"
+  config.init = "scratch"
+  config.data_dir = str(mnist_dir)
+  config.batch_size = 64
+  config.num_train_steps = 15
+  config.eval_every_steps = 0
+  config.eval_batch_size = 1000
+  config.checkpoint_every_steps = 100
+  train.train_and_evaluate(config, str(tmp_path))
+
+  trainer = train.Trainer.create(config, 60000)
+  before = jax.device_get(trainer.initial_state())
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"),
+                                     max_to_keep=1)
+  after = jax.device_get(ckpt.restore(15, trainer.abstract_state()))
+  ckpt.close()
+  # Nothing for the backbone in the optimizer state: only the head trains.
+  assert not any("backbone" in jax.tree_util.keystr(path) for path, _ in
+                 jax.tree_util.tree_leaves_with_path(after.opt_state))
+  for a, b in zip(jax.tree.leaves(before.params["backbone"]),
+                  jax.tree.leaves(after.params["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(before.batch_stats),
+                  jax.tree.leaves(after.batch_stats)):
+    np.testing.assert_array_equal(a, b)
+  changed = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(before.params["head"]),
+      jax.tree.leaves(after.params["head"]))]
+  assert all(changed)
+
+
+@pytest.mark.parametrize("overrides, devices, needle", [
+    (("--config.no_such_key=1",), 1, "no_such_key"),
+    (("--config.batch_size=100",), 8, "batch_size"),
+    (("--config.num_train_steps=-5",), 1, "num_train_steps"),
+    (("--config.learning_rate=-1",), 1, "learning_rate"),
+    (("--config.model=resnet7",), 1, "resnet7"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, mnist_dir, overrides,
+                                       devices, needle):
+  proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}", *overrides,
+                   devices=devices, check=False, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("error: ") and needle in lines[0]
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_data_is_one_line_exit_2(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = run_train(tmp_path / "w", f"--config.data_dir={empty}",
+                   "--config.download=false", check=False, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert "train-images-idx3-ubyte" in lines[0] and str(empty) in lines[0]
+  assert not (tmp_path / "w" / "checkpoints").exists()
