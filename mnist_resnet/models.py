@@ -1,0 +1,216 @@
+"""ResNet v1 in flax.linen, laid out exactly like `keras.applications.ResNet50`.
+
+Keras's ImageNet weights are the reason this model exists, so the backbone
+copies Keras's architecture operation for operation (explicit zero padding
+before the 7x7 conv and the max-pool, stride on the first 1x1 conv of a
+downsampling block, conv layers with bias, BatchNorm epsilon 1.001e-5) and its
+submodules carry Keras's layer names (`conv1_conv`, `conv2_block1_1_bn`, ...).
+Loading a Keras file is then a rename-free copy (see `pretrained.py`), and a
+mismatch is reported with the name a Keras user knows.
+
+Variables are split at the top level into 'backbone' and 'head' in both
+'params' and 'batch_stats'; the training code freezes the backbone by masking
+on that key.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_resnet.errors import ConfigError
+
+# Keras's own initialisers for layers it creates with default arguments: the
+# head starts like a Keras Dense layer would.
+_DENSE_INIT = nn.initializers.glorot_uniform()
+# He initialisation (fan-out, as in torchvision): the usual choice for training
+# a ReLU ResNet from scratch; irrelevant when ImageNet weights are loaded.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Backbone(nn.Module):
+  """Stem + residual stages + global average pool; Keras layer names inside."""
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  stem_width: int
+  bn_momentum: float
+  bn_epsilon: float
+  zero_init_residual: bool
+  dtype: Any
+
+  def _conv(self, x: jax.Array, features: int, kernel: int, stride: int,
+            padding: Any, name: str) -> jax.Array:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=padding, use_bias=True, dtype=self.dtype,
+                   param_dtype=jnp.float32, kernel_init=_CONV_INIT,
+                   name=name)(x)
+
+  def _bn(self, x: jax.Array, train: bool, name: str,
+          zero_scale: bool = False) -> jax.Array:
+    # Two-pass variance (E[(x - mean)^2]), the formula Keras uses, so
+    # training-mode outputs agree with Keras's as closely as float32 allows.
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=(nn.initializers.zeros if zero_scale
+                    else nn.initializers.ones),
+        name=name)(x)
+
+  def _block(self, x: jax.Array, width: int, stride: int, projection: bool,
+             train: bool, name: str) -> jax.Array:
+    """Keras `residual_block_v1`: 1x1 (strided) -> 3x3 -> 1x1, 4x expansion."""
+    if projection:
+      shortcut = self._conv(x, 4 * width, 1, stride, "VALID", f"{name}_0_conv")
+      shortcut = self._bn(shortcut, train, f"{name}_0_bn")
+    else:
+      shortcut = x
+    y = self._conv(x, width, 1, stride, "VALID", f"{name}_1_conv")
+    y = nn.relu(self._bn(y, train, f"{name}_1_bn"))
+    y = self._conv(y, width, 3, 1, "SAME", f"{name}_2_conv")
+    y = nn.relu(self._bn(y, train, f"{name}_2_bn"))
+    y = self._conv(y, 4 * width, 1, 1, "VALID", f"{name}_3_conv")
+    y = self._bn(y, train, f"{name}_3_bn", zero_scale=self.zero_init_residual)
+    return nn.relu(shortcut + y)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = x.astype(self.dtype)
+    # ZeroPadding2D(3) + VALID conv, written as the conv's own padding: same
+    # arithmetic, one less copy of the input.
+    x = self._conv(x, self.stem_width, 7, 2, ((3, 3), (3, 3)), "conv1_conv")
+    x = nn.relu(self._bn(x, train, "conv1_bn"))
+    # ZeroPadding2D(1) then a VALID max-pool: zeros, not -inf, as in Keras
+    # (identical after the ReLU, but kept literal).
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(blocks):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = self._block(x, width, stride, projection=block == 0, train=train,
+                        name=f"conv{stage + 2}_block{block + 1}")
+    # Pool in float32 so bfloat16 runs hand the head full-precision features.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class _Head(nn.Module):
+  """Dropout -> [Dense + ReLU + dropout] * len(hidden_units) -> Dense."""
+  num_classes: int
+  hidden_units: Sequence[int]
+  dropout_rate: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    for i, units in enumerate(self.hidden_units):
+      x = nn.Dense(units, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=_DENSE_INIT, name=f"hidden_{i}")(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=_DENSE_INIT, name="logits")(x)
+    return x.astype(jnp.float32)
+
+
+class ResNet(nn.Module):
+  """Keras-compatible ResNet v1 with a small classification head.
+
+  `__call__(x, train=..., frozen_backbone=...)` returns float32 logits;
+  `features(x, train=...)` the pooled backbone features (use it with
+  `model.apply(variables, x, train=False, method=ResNet.features)`).
+
+  With `train=True` BatchNorm uses batch statistics (apply with
+  `mutable=['batch_stats']`) and dropout needs a 'dropout' rng.
+  `frozen_backbone=True` keeps the backbone's BatchNorm on its running
+  statistics even in training, so a frozen backbone is frozen entirely: its
+  params are masked by the optimiser and its statistics are not updated.
+  """
+  stage_sizes: Sequence[int]
+  widths: Sequence[int] = (64, 128, 256, 512)
+  stem_width: int = 64
+  num_classes: int = 10
+  hidden_units: Sequence[int] = ()
+  dropout_rate: float = 0.5
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1.001e-5
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self) -> None:
+    if len(self.stage_sizes) != len(self.widths):
+      raise ConfigError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
+                        f"{tuple(self.widths)} differ in length")
+    self.backbone = _Backbone(
+        stage_sizes=tuple(self.stage_sizes), widths=tuple(self.widths),
+        stem_width=self.stem_width, bn_momentum=self.bn_momentum,
+        bn_epsilon=self.bn_epsilon, zero_init_residual=self.zero_init_residual,
+        dtype=self.dtype)
+    self.head = _Head(num_classes=self.num_classes,
+                      hidden_units=tuple(self.hidden_units),
+                      dropout_rate=self.dropout_rate, dtype=self.dtype)
+
+  def __call__(self, x: jax.Array, *, train: bool,
+               frozen_backbone: bool = False) -> jax.Array:
+    features = self.backbone(x, train=train and not frozen_backbone)
+    return self.head(features, train=train)
+
+  def features(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return self.backbone(x, train=train)
+
+
+MODELS: dict[str, tuple[int, ...]] = {
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+    "resnet152": (3, 8, 36, 3),
+    # One block per stage, narrow: the real code path, small enough for tests
+    # and smoke runs on a laptop CPU.
+    "resnet_tiny": (1, 1, 1, 1),
+}
+_NARROW: dict[str, dict[str, Any]] = {
+    "resnet_tiny": {"widths": (8, 16, 32, 64), "stem_width": 16},
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def _canonical_dtype(dtype: Any) -> Any:
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ConfigError(f"unknown dtype {dtype!r}; known: "
+                        f"{', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+  name = np.dtype(dtype).name
+  if name not in _DTYPES:
+    raise ConfigError(f"unsupported dtype {name}; known: "
+                      f"{', '.join(sorted(_DTYPES))}")
+  return _DTYPES[name]
+
+
+def create_model(name: str, *, num_classes: int = 10, dtype: Any = "float32",
+                 hidden_units: Sequence[int] = (), dropout_rate: float = 0.5,
+                 bn_momentum: float = 0.99,
+                 zero_init_residual: bool = False) -> ResNet:
+  """Builds a named ResNet; raises ConfigError for an unknown name or dtype."""
+  if name not in MODELS:
+    raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ConfigError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  return ResNet(stage_sizes=MODELS[name], num_classes=num_classes,
+                hidden_units=tuple(hidden_units), dropout_rate=dropout_rate,
+                bn_momentum=bn_momentum, zero_init_residual=zero_init_residual,
+                dtype=_canonical_dtype(dtype), **_NARROW.get(name, {}))
+
+
+def count_params(variables: Mapping[str, Any]) -> dict[str, int]:
+  """Counts elements of 'params' and 'batch_stats'.
+
+  Works on real arrays and on `jax.eval_shape` output alike, so sizes can be
+  checked before anything is allocated.
+  """
+  def total(tree: Any) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+  return {"trainable": total(variables.get("params", {})),
+          "batch_stats": total(variables.get("batch_stats", {}))}
