@@ -1,0 +1,173 @@
+"""Tests of on-device preprocessing and augmentation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_resnet import preprocess
+from mnist_resnet.errors import ConfigError
+
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+
+
+def asymmetric_images(batch: int = 3) -> np.ndarray:
+  """Digit-like uint8 images with no mirror symmetry (an 'L' plus a dot)."""
+  images = np.zeros((batch, 28, 28), np.uint8)
+  images[:, 6:22, 9:12] = 255    # vertical bar
+  images[:, 19:22, 12:20] = 200  # foot to the right
+  images[:, 7, 18] = 90          # a dot up right
+  for i in range(batch):
+    images[i, 12, 14 + i] = 50 + i  # make examples differ
+  return images
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shapes_and_dtypes(size, dtype):
+  out = preprocess.to_model_input(jnp.asarray(asymmetric_images(2)),
+                                  image_size=size, dtype=dtype)
+  assert out.shape == (2, size, size, 3) and out.dtype == dtype
+
+
+def test_caffe_values_are_bgr_minus_mean():
+  images = np.zeros((1, 28, 28), np.uint8)
+  images[0, 0, 0] = 255
+  images[0, 0, 1] = 17
+  out = np.asarray(preprocess.to_model_input(jnp.asarray(images),
+                                             image_size=28))
+  np.testing.assert_array_equal(out[0, 5, 5], -CAFFE_MEAN_BGR)  # black
+  np.testing.assert_array_equal(out[0, 0, 0], 255 - CAFFE_MEAN_BGR)
+  np.testing.assert_array_equal(out[0, 0, 1], 17 - CAFFE_MEAN_BGR)
+
+
+def test_caffe_matches_keras_preprocess_input():
+  from mnist_resnet.pretrained import import_keras
+  keras = import_keras()
+  images = asymmetric_images(2)
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32)
+  rgb = np.repeat(padded[..., None], 3, axis=-1)
+  expected = keras.applications.resnet.preprocess_input(rgb)
+  out = preprocess.to_model_input(jnp.asarray(images), image_size=32)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_torch_values():
+  images = np.zeros((1, 28, 28), np.uint8)
+  images[0, 3, 4] = 255
+  out = np.asarray(preprocess.to_model_input(
+      jnp.asarray(images), image_size=28, convention="torch"))
+  mean = np.array([0.485, 0.456, 0.406], np.float32)
+  std = np.array([0.229, 0.224, 0.225], np.float32)
+  np.testing.assert_allclose(out[0, 0, 0], -mean / std, rtol=1e-6)
+  np.testing.assert_allclose(out[0, 3, 4], (1 - mean) / std, rtol=1e-6)
+
+
+@pytest.mark.parametrize("convention", ["caffe", "torch"])
+def test_padding_is_background(convention):
+  images = jnp.asarray(asymmetric_images(1))
+  out = np.asarray(preprocess.to_model_input(images, image_size=32,
+                                             convention=convention))
+  black = np.asarray(preprocess.to_model_input(
+      jnp.zeros((1, 28, 28), jnp.uint8), image_size=28,
+      convention=convention))[0, 0, 0]
+  for border in (out[0, :2], out[0, -2:], out[0, :, :2], out[0, :, -2:]):
+    np.testing.assert_array_equal(border, np.broadcast_to(black,
+                                                          border.shape))
+  inner = np.asarray(preprocess.to_model_input(images, image_size=28,
+                                               convention=convention))
+  np.testing.assert_array_equal(out[0, 2:-2, 2:-2], inner[0])
+
+
+def test_resize_keeps_32_framing():
+  images = jnp.asarray(asymmetric_images(1))
+  out64 = np.asarray(preprocess.to_model_input(images, image_size=64))
+  out32 = np.asarray(preprocess.to_model_input(images, image_size=32))
+  # 2x upsampling of the padded 32x32 image: 4-pixel background margin, and
+  # the same picture at half resolution.
+  np.testing.assert_allclose(out64[0, :3], -np.broadcast_to(
+      CAFFE_MEAN_BGR, (3, 64, 3)), atol=1e-4)
+  np.testing.assert_allclose(out64[0, 1::2, 1::2].mean(), out32[0].mean(),
+                             rtol=0.05)
+  assert preprocess.to_model_input(images, image_size=30).shape == (
+      1, 30, 30, 3)
+
+
+def test_float_input_same_as_uint8():
+  images = asymmetric_images(2)
+  a = preprocess.to_model_input(jnp.asarray(images), image_size=32)
+  b = preprocess.to_model_input(jnp.asarray(images, jnp.float32),
+                                image_size=32)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_bad_arguments_are_config_errors():
+  images = jnp.zeros((1, 28, 28), jnp.uint8)
+  with pytest.raises(ConfigError, match="caffe, torch"):
+    preprocess.to_model_input(images, image_size=32, convention="tf")
+  with pytest.raises(ConfigError, match="image_size"):
+    preprocess.to_model_input(images, image_size=0)
+  with pytest.raises(ConfigError, match="non-negative"):
+    preprocess.augment(images, jax.random.key(0), max_shift=-1)
+
+
+def test_jittable_with_static_options():
+  fn = jax.jit(functools.partial(preprocess.to_model_input, image_size=64,
+                                 dtype=jnp.bfloat16))
+  assert fn(jnp.asarray(asymmetric_images(2))).shape == (2, 64, 64, 3)
+
+
+def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """`image` translated by (dy, dx) with zero fill."""
+  h, w = image.shape
+  padded = np.pad(image, ((abs(dy), abs(dy)), (abs(dx), abs(dx))))
+  return padded[abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w]
+
+
+def test_augment_is_an_exact_shift_never_a_flip():
+  images = asymmetric_images(3)
+  augment = jax.jit(functools.partial(preprocess.augment, max_shift=2))
+  seen = set()
+  for seed in range(8):
+    out = np.asarray(augment(jnp.asarray(images), jax.random.key(seed)))
+    assert out.shape == images.shape and out.dtype == np.float32
+    for i in range(len(images)):
+      matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if np.array_equal(out[i], shifted(images[i], dy, dx))]
+      assert len(matches) == 1, f"example {i} is not a pure shift"
+      seen.add(matches[0])
+      assert not np.array_equal(out[i], shifted(images[i][:, ::-1], 0, 0))
+  assert len(seen) > 5  # shifts vary across examples and keys
+
+
+def test_augment_deterministic_per_key_and_per_example():
+  images = jnp.asarray(np.repeat(asymmetric_images(1), 16, axis=0))
+  key = jax.random.key(7)
+  a = np.asarray(preprocess.augment(images, key, max_shift=2))
+  b = np.asarray(preprocess.augment(images, key, max_shift=2))
+  np.testing.assert_array_equal(a, b)
+  # Identical inputs, different outcomes: each example has its own key.
+  assert len({x.tobytes() for x in a}) > 1
+  c = np.asarray(preprocess.augment(images, jax.random.key(8), max_shift=2))
+  assert not np.array_equal(a, c)
+
+
+def test_augment_affine():
+  images = jnp.asarray(asymmetric_images(4))
+  augment = jax.jit(functools.partial(
+      preprocess.augment, max_shift=1, max_rotation_deg=15.0, max_scale=0.1))
+  out = np.asarray(augment(images, jax.random.key(0)))
+  assert out.shape == (4, 28, 28) and out.dtype == np.float32
+  assert out.min() >= 0 and out.max() <= 255 + 1e-3  # bilinear: no overshoot
+  np.testing.assert_array_equal(out, augment(images, jax.random.key(0)))
+  # A small warp keeps most of the ink where it was and moves some of it.
+  src = np.asarray(images, np.float32)
+  for i in range(4):
+    corr = np.corrcoef(out[i].ravel(), src[i].ravel())[0, 1]
+    assert 0.3 < corr < 0.999
+    assert abs(out[i].sum() / src[i].sum() - 1) < 0.3
+  # Identity when every range is zero.
+  same = preprocess.augment(images, jax.random.key(0), max_shift=0)
+  np.testing.assert_array_equal(same, src)
