@@ -1,0 +1,425 @@
+"""Keras weight files -> Flax: every layout, numerically equal to Keras.
+
+One randomly initialised Keras ResNet50 (random kernels, biases, gamma, beta,
+moving mean and moving variance) is written in each layout; the Flax model
+loaded from each file must compute Keras's features.
+"""
+
+import functools
+import shutil
+import types
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_resnet import models, preprocess, pretrained
+from mnist_resnet.errors import ConfigError, WeightsError
+
+LAYOUTS = ("legacy", "model_weights", "keras3", "keras3_unnamed", "keras_zip")
+
+
+def randomize_keras_model(model, seed: int = 0) -> None:
+  """Random weights everywhere, including BN statistics (variance > 0)."""
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    if type(layer).__name__ == "BatchNormalization":
+      c = layer.gamma.shape[0]
+      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
+                         rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+    elif type(layer).__name__ == "Conv2D":
+      kernel, bias = layer.get_weights()
+      layer.set_weights([kernel, rng.normal(0, 0.05, bias.shape)])
+
+
+def keras_layer_weights(model) -> dict[str, list[tuple[str, np.ndarray]]]:
+  """Every layer (with weights or not), as Keras 2 named its weights."""
+  return {layer.name: [(f"{layer.name}/{w.name}:0", np.asarray(w))
+                       for w in layer.weights] for layer in model.layers}
+
+
+def write_legacy_h5(path, layers, *, under: str | None = None) -> None:
+  """Writes `layers` like Keras 2's `save_weights_to_hdf5_group`.
+
+  `layers` maps a layer name to its (weight name, array) pairs; `under`
+  puts everything in a subgroup, as `model.save("x.h5")` does.
+  """
+  with h5py.File(path, "w") as f:
+    root = f.create_group(under) if under else f
+    root.attrs["layer_names"] = [n.encode("utf8") for n in layers]
+    root.attrs["backend"] = b"tensorflow"
+    root.attrs["keras_version"] = b"2.13.1"
+    for name in sorted(layers):
+      group = root.create_group(name)
+      names = [w.encode("utf8") for w, _ in layers[name]]
+      group.attrs["weight_names"] = names
+      for weight_name, value in zip(names, (v for _, v in layers[name])):
+        dataset = group.create_dataset(weight_name.decode(), value.shape,
+                                       dtype=value.dtype)
+        dataset[...] = value
+
+
+def strip_layer_names(path) -> None:
+  """Makes a Keras 3 .weights.h5 look like one from before layer names."""
+  with h5py.File(path, "a") as f:
+    def visit(name, obj):
+      if isinstance(obj, h5py.Group) and name.endswith("vars"):
+        if "name" in obj.attrs:
+          del obj.attrs["name"]
+    f.visititems(visit)
+
+
+@pytest.fixture(scope="module")
+def keras_model():
+  keras = pretrained.import_keras()
+  keras.utils.set_random_seed(0)
+  model = keras.applications.ResNet50(
+      weights=None, include_top=False, pooling="avg",
+      input_shape=(None, None, 3))
+  randomize_keras_model(model)
+  return model
+
+
+@pytest.fixture(scope="module")
+def weight_files(keras_model, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("keras_weights")
+  files = {
+      "legacy": directory / "legacy.h5",
+      "model_weights": directory / "saved_model.h5",
+      "keras3": directory / "k3.weights.h5",
+      "keras3_unnamed": directory / "k3_unnamed.weights.h5",
+      "keras_zip": directory / "model.keras",
+  }
+  write_legacy_h5(files["legacy"], keras_layer_weights(keras_model))
+  keras_model.save(files["model_weights"])
+  keras_model.save_weights(files["keras3"])
+  shutil.copy(files["keras3"], files["keras3_unnamed"])
+  strip_layer_names(files["keras3_unnamed"])
+  keras_model.save(files["keras_zip"])
+  yield files
+  shutil.rmtree(directory, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def flax_resnet50():
+  model = models.create_model("resnet50")
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  features = jax.jit(lambda v, x: model.apply(
+      v, x, train=False, method=models.ResNet.features))
+  train_features = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, method=models.ResNet.features,
+      mutable=["batch_stats"]))
+  return variables, features, train_features
+
+
+def backbone(variables):
+  return {k: {"backbone": v["backbone"]} for k, v in variables.items()}
+
+
+def rel_diff(ours, theirs) -> float:
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def caffe_batch(keras, batch: int, size: int, seed: int) -> np.ndarray:
+  rgb = np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3))
+  return keras.applications.resnet.preprocess_input(rgb.astype(np.float32))
+
+
+def test_legacy_reader_and_keras_agree_on_the_weights(keras_model,
+                                                      weight_files):
+  """Our legacy file is one Keras itself loads, by name, back to the same."""
+  keras = pretrained.import_keras()
+  clone = keras.applications.ResNet50(
+      weights=None, include_top=False, pooling="avg",
+      input_shape=(None, None, 3))
+  clone.load_weights(str(weight_files["legacy"]), by_name=True)
+  for a, b in zip(clone.weights, keras_model.weights):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_keras_weights_exactly(layout, keras_model,
+                                                  weight_files):
+  abstract, _, _ = flax_resnet50()
+  layers, found_layout = pretrained.read_keras_weights(weight_files[layout])
+  assert found_layout == layout.replace("_unnamed", "")
+  loaded = pretrained.load_keras_weights(weight_files[layout], abstract)
+  assert loaded["params"]["head"] is abstract["params"]["head"]
+  params = loaded["params"]["backbone"]
+  stats = loaded["batch_stats"]["backbone"]
+  for name, module in params.items():
+    keras_weights = keras_model.get_layer(name).get_weights()
+    if name.endswith("_conv"):
+      ours = [module["kernel"], module["bias"]]
+    else:
+      ours = [module["scale"], module["bias"], stats[name]["mean"],
+              stats[name]["var"]]
+    for a, b in zip(ours, keras_weights, strict=True):
+      assert a.dtype == jnp.float32
+      np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_features_equal_keras_in_inference(layout, keras_model, weight_files):
+  keras = pretrained.import_keras()
+  abstract, features, _ = flax_resnet50()
+  variables = backbone(pretrained.load_keras_weights(weight_files[layout],
+                                                     abstract))
+  mnist = np.zeros((4, 28, 28), np.uint8)
+  mnist[:, 5:23, 12:16] = np.random.default_rng(1).integers(
+      100, 256, (4, 18, 4))
+  batches = [caffe_batch(keras, 4, 32, seed=2),
+             caffe_batch(keras, 2, 224, seed=3),
+             np.asarray(preprocess.to_model_input(jnp.asarray(mnist),
+                                                  image_size=32))]
+  with jax.default_matmul_precision("highest"):
+    for x in batches:
+      expected = keras_model(x, training=False)
+      assert rel_diff(features(variables, x), expected) <= 1e-5, x.shape
+
+
+def test_comparison_detects_one_wrong_statistic(keras_model, weight_files):
+  """The 1e-5 check is sharp: 1% off one BN variance deep inside fails it."""
+  keras = pretrained.import_keras()
+  abstract, features, _ = flax_resnet50()
+  variables = backbone(pretrained.load_keras_weights(weight_files["legacy"],
+                                                     abstract))
+  stats = variables["batch_stats"]["backbone"]["conv4_block3_2_bn"]
+  stats["var"] = stats["var"] * 1.01
+  x = caffe_batch(keras, 4, 32, seed=2)
+  assert rel_diff(features(variables, x), keras_model(x, training=False)) > (
+      1e-4)
+
+
+def test_training_mode_equals_keras(keras_model, weight_files):
+  keras = pretrained.import_keras()
+  abstract, _, train_features = flax_resnet50()
+  variables = backbone(pretrained.load_keras_weights(weight_files["legacy"],
+                                                     abstract))
+  # BN over a 1x1 map of a few examples is float32 noise, for Keras and for
+  # Flax alike (both ~1e-4 from a float64 reference at 32x32, batch 8); a
+  # 96x96 batch of 2 gives statistics over 9 positions at the last stage.
+  x = caffe_batch(keras, 2, 96, seed=4)
+  saved = keras_model.get_weights()
+  try:
+    expected = np.asarray(keras_model(x, training=True))
+    moved = {layer.name: (np.asarray(layer.moving_mean),
+                          np.asarray(layer.moving_variance))
+             for layer in keras_model.layers
+             if type(layer).__name__ == "BatchNormalization"}
+  finally:
+    keras_model.set_weights(saved)
+  with jax.default_matmul_precision("highest"):
+    out, updates = train_features(variables, x)
+  assert rel_diff(out, expected) <= 1e-4
+  # Same momentum convention: the running statistics move identically.
+  for name, (mean, var) in moved.items():
+    new = updates["batch_stats"]["backbone"][name]
+    assert rel_diff(new["mean"], mean) <= 1e-4, name
+    assert rel_diff(new["var"], var) <= 1e-4, name
+
+
+# Faulty files: written from a tiny model's Flax variables, no Keras needed.
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_abstract():
+  model = models.create_model("resnet_tiny")
+  return jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def tiny_keras_layers(seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
+  """Keras-named weights of the right shapes for the tiny model."""
+  rng = np.random.default_rng(seed)
+  abstract = tiny_abstract()
+  params = abstract["params"]["backbone"]
+  stats = abstract["batch_stats"]["backbone"]
+  layers = {"input_layer": [], "conv1_pad": []}
+  for name, module in params.items():
+    if name.endswith("_conv"):
+      leaves = [("kernel", module["kernel"]), ("bias", module["bias"])]
+    else:
+      leaves = [("gamma", module["scale"]), ("beta", module["bias"]),
+                ("moving_mean", stats[name]["mean"]),
+                ("moving_variance", stats[name]["var"])]
+    layers[name] = [(f"{name}/{k}:0", rng.uniform(0.1, 1, v.shape).astype(
+        np.float32)) for k, v in leaves]
+  layers["avg_pool"] = []
+  return layers
+
+
+def test_tiny_legacy_round_trip(tmp_path):
+  layers = tiny_keras_layers()
+  path = tmp_path / "tiny.h5"
+  write_legacy_h5(path, layers)
+  loaded = pretrained.load_keras_weights(path, tiny_abstract())
+  np.testing.assert_array_equal(
+      loaded["batch_stats"]["backbone"]["conv3_block1_0_bn"]["var"],
+      layers["conv3_block1_0_bn"][3][1])
+  # Weight order inside a layer follows the names, not the file order.
+  layers["conv1_bn"] = layers["conv1_bn"][::-1]
+  write_legacy_h5(path, layers)
+  again = pretrained.load_keras_weights(path, tiny_abstract())
+  np.testing.assert_array_equal(
+      again["params"]["backbone"]["conv1_bn"]["scale"],
+      loaded["params"]["backbone"]["conv1_bn"]["scale"])
+
+
+def test_tiny_legacy_chunked_layer_names(tmp_path):
+  """Keras splits long name lists into `layer_names0`, `layer_names1`..."""
+  layers = tiny_keras_layers()
+  path = tmp_path / "chunked.h5"
+  write_legacy_h5(path, layers)
+  with h5py.File(path, "a") as f:
+    names = list(f.attrs["layer_names"])
+    del f.attrs["layer_names"]
+    f.attrs["layer_names0"] = names[:5]
+    f.attrs["layer_names1"] = names[5:]
+  loaded = pretrained.load_keras_weights(path, tiny_abstract())
+  np.testing.assert_array_equal(
+      loaded["params"]["backbone"]["conv5_block1_3_conv"]["kernel"],
+      layers["conv5_block1_3_conv"][0][1])
+
+
+def test_tiny_keras3_skips_optimizer_and_reads_bfloat16(tmp_path):
+  """A compiled model's `.keras` also stores optimizer variables."""
+  import ml_dtypes
+  layers = tiny_keras_layers()
+  path = tmp_path / "tiny.weights.h5"
+  with h5py.File(path, "w") as f:
+    for i, (name, weights) in enumerate(layers.items()):
+      cls = "conv2d" if name.endswith("_conv") else "batch_normalization"
+      group = f.create_group(f"layers/{cls}_{i}/vars")
+      group.attrs["name"] = name
+      for j, (_, value) in enumerate(weights):
+        if name == "conv1_conv":  # stored as Keras 3 stores bfloat16
+          group[str(j)] = value.astype(ml_dtypes.bfloat16).view("V2")
+          group[str(j)].attrs["dtype"] = "bfloat16"
+        else:
+          group[str(j)] = value
+    optimizer = f.create_group("optimizer/vars")
+    optimizer.attrs["name"] = "adam"
+    optimizer["0"] = np.zeros((), np.int64)
+    optimizer["1"] = np.zeros((7, 7), np.float32)
+  loaded = pretrained.load_keras_weights(path, tiny_abstract())
+  kernel = loaded["params"]["backbone"]["conv1_conv"]["kernel"]
+  assert kernel.dtype == jnp.float32
+  np.testing.assert_array_equal(kernel, layers["conv1_conv"][0][1].astype(
+      ml_dtypes.bfloat16).astype(np.float32))
+  np.testing.assert_array_equal(
+      loaded["batch_stats"]["backbone"]["conv4_block1_0_bn"]["mean"],
+      layers["conv4_block1_0_bn"][2][1])
+
+
+def expect_error(tmp_path, layers, pattern: str) -> str:
+  path = tmp_path / "weights.h5"
+  write_legacy_h5(path, layers)
+  with pytest.raises(WeightsError, match=pattern) as info:
+    pretrained.load_keras_weights(path, tiny_abstract())
+  message = str(info.value)
+  assert "\n" not in message and message.startswith(str(path))
+  return message
+
+
+def test_missing_layer(tmp_path):
+  layers = tiny_keras_layers()
+  del layers["conv4_block1_2_conv"]
+  expect_error(tmp_path, layers,
+               r"layer conv4_block1_2_conv is missing from the file")
+
+
+def test_extra_layer(tmp_path):
+  layers = tiny_keras_layers()
+  layers["predictions"] = [("predictions/kernel:0",
+                            np.zeros((256, 1000), np.float32))]
+  expect_error(tmp_path, layers,
+               r"layer predictions \(256,1000\) has no counterpart")
+
+
+def test_wrong_kernel_shape(tmp_path):
+  layers = tiny_keras_layers()
+  layers["conv3_block1_2_conv"][0] = ("conv3_block1_2_conv/kernel:0",
+                                      np.zeros((3, 3, 16, 8), np.float32))
+  message = expect_error(tmp_path, layers, "conv3_block1_2_conv kernel")
+  assert message.endswith(": layer conv3_block1_2_conv kernel has shape "
+                          "(3,3,16,8), model expects (3,3,16,16)")
+
+
+def test_wrong_weight_count(tmp_path):
+  layers = tiny_keras_layers()
+  layers["conv2_block1_1_bn"] = layers["conv2_block1_1_bn"][:2]
+  expect_error(tmp_path, layers,
+               r"layer conv2_block1_1_bn has 2 weights \(gamma, beta\), "
+               r"model expects 4")
+
+
+def test_keras3_unnamed_wrong_structure(tmp_path, keras_model, weight_files):
+  path = tmp_path / "bad.weights.h5"
+  shutil.copy(weight_files["keras3_unnamed"], path)
+  with h5py.File(path, "a") as f:
+    del f["layers/conv2d_7"]
+  with pytest.raises(WeightsError, match="52 conv2d layers"):
+    pretrained.read_keras_weights(path)
+
+
+@pytest.mark.parametrize("content", [b"not hdf5 at all\n", b""])
+def test_unreadable_file(tmp_path, content):
+  path = tmp_path / "weights.h5"
+  path.write_bytes(content)
+  with pytest.raises(WeightsError, match="not a readable Keras weight file"):
+    pretrained.load_keras_weights(path, tiny_abstract())
+
+
+def test_missing_file_and_foreign_hdf5(tmp_path):
+  with pytest.raises(WeightsError, match="no such file"):
+    pretrained.load_keras_weights(tmp_path / "nope.h5", tiny_abstract())
+  path = tmp_path / "other.h5"
+  with h5py.File(path, "w") as f:
+    f["x"] = np.zeros(3)
+  with pytest.raises(WeightsError, match="without Keras weights"):
+    pretrained.load_keras_weights(path, tiny_abstract())
+
+
+def test_imagenet_download_failure_is_one_line(monkeypatch):
+  calls = []
+
+  def get_file(*args, **kwargs):
+    calls.append((args, kwargs))
+    raise Exception("URL fetch failure on https://...: None -- [Errno -3]\n"
+                    "Temporary failure in name resolution")
+
+  fake = types.SimpleNamespace(utils=types.SimpleNamespace(get_file=get_file))
+  monkeypatch.setattr(pretrained, "import_keras", lambda: fake)
+  with pytest.raises(WeightsError) as info:
+    pretrained.load_pretrained("resnet50", tiny_abstract(), "imagenet")
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith("could not download Keras's ImageNet ResNet50 "
+                            "weights (URL fetch failure")
+  assert message.endswith(
+      "pass a local file with --config.pretrained_weights=PATH (the file "
+      "Keras caches as ~/.keras/models/"
+      "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5)")
+  (args, kwargs), = calls
+  assert args == ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                  "https://storage.googleapis.com/tensorflow/keras-"
+                  "applications/resnet/"
+                  "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+  assert kwargs == {"cache_subdir": "models",
+                    "file_hash": "4d473c1dd8becc155b73f8504c6f6626"}
+
+
+def test_imagenet_hashes_are_keras_own():
+  from keras.src.applications import resnet
+  for name, md5 in pretrained._IMAGENET_NOTOP_MD5.items():
+    assert resnet.WEIGHTS_HASHES[name][1] == md5
+
+
+def test_no_imagenet_weights_for_tiny():
+  with pytest.raises(ConfigError, match="resnet_tiny"):
+    pretrained.imagenet_weights_path("resnet_tiny")
