@@ -137,13 +137,17 @@ def _download(name: str, directory: pathlib.Path, mirrors: Sequence[str],
 
 
 def locate_files(data_dir: os.PathLike | str, *, download: bool,
-                 mirrors: Sequence[str] = MIRRORS,
-                 timeout: float = DOWNLOAD_TIMEOUT_S
+                 mirrors: Optional[Sequence[str]] = None,
+                 timeout: float = DOWNLOAD_TIMEOUT_S,
+                 download_hint: str = "set --config.download=true"
                  ) -> dict[str, pathlib.Path]:
   """Finds the four idx files, downloading missing ones when allowed.
 
   An uncompressed file is preferred to its .gz (it loads several times
-  faster). Returns file base name (e.g. "train-images-idx3-ubyte") -> path.
+  faster). Missing files are fetched as .gz from `mirrors` (default:
+  MIRRORS), tried in order. Returns file base name (e.g.
+  "train-images-idx3-ubyte") -> path. `download_hint` ends the message for
+  missing files: how the caller's user turns downloading on.
 
   Raises:
     DataError: a file is missing and download is False, or every mirror
@@ -164,14 +168,15 @@ def locate_files(data_dir: os.PathLike | str, *, download: bool,
   if not download:
     raise DataError(
         f"missing {', '.join(missing)} in {directory}: put the four MNIST idx "
-        "files (.gz or uncompressed) there, or set --config.download=true")
+        f"files (.gz or uncompressed) there, or {download_hint}")
   try:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise DataError(f"{directory}: cannot create the data directory: "
                     f"{_one_line(e.strerror or e)}") from e
   for name in missing:
-    found[name] = _download(name, directory, mirrors, timeout)
+    found[name] = _download(name, directory,
+                            MIRRORS if mirrors is None else mirrors, timeout)
   return {name: found[name] for name in FILES}
 
 
