@@ -4,12 +4,16 @@
         [--config.KEY=VALUE ...]
 
 All the work is in `mnist_resnet.train.train_and_evaluate`; this file parses
-flags and turns the project's own errors into one line on stderr, exit code 2.
+flags, joins the other processes of a multi-host run, and maps outcomes to
+exit codes: 0 done; 2 a user error (one line on stderr: bad flag, config
+value or file, diverged loss); 75 preempted by SIGTERM after saving a
+checkpoint (rerun the same command to continue).
 """
 
+import sys
 
-from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from mnist_resnet import cli
@@ -24,10 +28,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  from mnist_resnet import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mnist_resnet import parallel
+  from mnist_resnet import train
+  from mnist_resnet.errors import EXIT_PREEMPTED, Preempted
   config = cli.config_value(_CONFIG)
   with cli.user_errors():
-    train.train_and_evaluate(config, _WORKDIR.value)
+    # Before anything touches a device: join the other processes, if any.
+    parallel.initialize_distributed(
+        enabled=config.distributed,
+        coordinator_address=config.coordinator_address,
+        num_processes=config.num_processes, process_id=config.process_id)
+    cli.tag_logs_with_process()
+    try:
+      train.train_and_evaluate(config, _WORKDIR.value)
+    except Preempted as e:
+      logging.warning("%s", e)
+      sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

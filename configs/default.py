@@ -107,8 +107,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   # Keep this many most recent checkpoints, plus the best by test accuracy.
   c.max_checkpoints_to_keep = 3
-  # Capture a jax.profiler trace of this many steps (after the first
-  # checkpointed warm-up) into workdir/profile; 0 disables.
+  # Capture a jax.profiler trace of this many steps, from the 10th step after
+  # the run (re)starts, into workdir/profile (TensorBoard or Perfetto);
+  # 0 disables.
   c.profile_steps = 0
+
+  # --- Many hosts ----------------------------------------------------------
+  # Join a multi-process run with jax.distributed.initialize (always done on
+  # Cloud TPU, where JAX finds every value itself).
+  c.distributed = False
+  # host:port of process 0; empty: $JAX_COORDINATOR_ADDRESS or auto-detect.
+  c.coordinator_address = ""
+  # Number of processes and this process's index; -1: $JAX_NUM_PROCESSES /
+  # $JAX_PROCESS_ID or auto-detect.
+  c.num_processes = -1
+  c.process_id = -1
+
+  # --- Testing -------------------------------------------------------------
+  # Poison the input batch of this step with NaN (exercises the non-finite
+  # loss guard); -1 disables.
+  c.inject_nan_at_step = -1
 
   return c

@@ -80,6 +80,26 @@ class _QuietLibraries(py_logging.Filter):
         n in record.pathname for n in self._NOISY)
 
 
+class _ProcessTag(py_logging.Filter):
+  """Prefixes every log line with the process index in multi-host runs."""
+
+  def __init__(self, tag: str):
+    super().__init__()
+    self._tag = tag
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    record.msg = f"{self._tag} {record.msg}"
+    return True
+
+
+def tag_logs_with_process() -> None:
+  """Call once the process count is known (after distributed start-up)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    logging.get_absl_handler().addFilter(
+        _ProcessTag(f"[process {jax.process_index()}/{jax.process_count()}]"))
+
+
 def setup_logging() -> None:
   """INFO logging for the project, quiet libraries."""
   logging.set_verbosity(logging.INFO)

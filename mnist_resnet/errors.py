@@ -28,3 +28,18 @@ class WeightsError(MnistResnetError):
 
 class TrainingError(MnistResnetError):
   """Training cannot go on (for example a non-finite loss)."""
+
+
+# Exit code of a run stopped by a preemption notice (SIGTERM) after saving a
+# checkpoint at the step it reached: sysexits.h's EX_TEMPFAIL, "try again".
+# Rerunning the same command continues from that checkpoint.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """Raised once a preemption checkpoint is on disk; not a user error."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: checkpoint saved at step {step}; rerun the "
+                     "same command to continue")
+    self.step = step

@@ -56,3 +56,53 @@ def global_batch(local: Mapping[str, np.ndarray],
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Places a host pytree on every device (same value in every process)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+# --------------------------------------------------------------------------
+# Multi-process start-up.
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def on_cloud_tpu() -> bool:
+  """True on a Cloud TPU VM (libtpu installed and TPU chips attached).
+
+  Looked up without starting a JAX backend, which must not happen before
+  `jax.distributed.initialize`.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize_distributed(*, enabled: bool, coordinator_address: str = "",
+                           num_processes: int = -1,
+                           process_id: int = -1) -> bool:
+  """Joins the processes of a multi-host run; returns whether it did.
+
+  Runs when `enabled`, and always on Cloud TPU (where JAX finds every value
+  itself). Each value comes from its argument when set, else from the
+  environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID),
+  else from JAX's cluster detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
+  Must run before anything touches a JAX device.
+  """
+  if not (enabled or on_cloud_tpu()):
+    return False
+  import os  # pylint: disable=g-import-not-at-top
+  address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  count = num_processes if num_processes >= 0 else int(
+      os.environ.get(ENV_NUM_PROCESSES, -1))
+  index = process_id if process_id >= 0 else int(
+      os.environ.get(ENV_PROCESS_ID, -1))
+  # Several processes on CPU devices talk through gloo (also how the
+  # multi-process code is tested on one machine); no effect on GPU/TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=address,
+      num_processes=count if count > 0 else None,
+      process_id=index if index >= 0 else None)
+  return True

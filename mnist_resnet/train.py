@@ -37,9 +37,11 @@ from mnist_resnet import checkpoint as checkpoint_lib
 from mnist_resnet import data
 from mnist_resnet import models
 from mnist_resnet import parallel
+from mnist_resnet import preemption
 from mnist_resnet import preprocess
 from mnist_resnet import reporting
-from mnist_resnet.errors import ConfigError, TrainingError, WeightsError
+from mnist_resnet.errors import ConfigError, Preempted, TrainingError
+from mnist_resnet.errors import WeightsError
 
 NUM_CLASSES = 10
 # Models Keras publishes ImageNet weights for.
@@ -266,6 +268,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.ResNet,
     step_key = jax.random.fold_in(base_key, state.step)
     aug_key, dropout_key = jax.random.split(step_key)
     x = _model_input(config, batch["image"], aug_key)
+    if config.inject_nan_at_step > 0:  # Test-only: poison one batch.
+      x = jnp.where(state.step + 1 == config.inject_nan_at_step, jnp.nan, x)
     labels = batch["label"]
     targets = optax.smooth_labels(
         jax.nn.one_hot(labels, NUM_CLASSES), config.label_smoothing)
@@ -546,6 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     window = (now, s, eval_seconds)
     reporter.scalars(s, {**m, "images_per_sec": rate})
 
+  watcher = preemption.PreemptionWatcher(ckpt.reached_preemption)
   try:
     for step in range(start + 1, total + 1):
       if step == profile_at:
@@ -578,6 +583,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         ckpt.save(step, state, meta={**meta, "step": step},
                   metrics=({"test_accuracy": eval_results["test_accuracy"]}
                            if do_eval else None))
+      if step < total and watcher.should_stop(step):
+        if not do_ckpt:
+          log_train(queue.fetch(step))
+          ckpt.save(step, state, meta={**meta, "step": step})
+        ckpt.wait_until_finished()
+        logging.warning("Preemption notice: saved %s/%d", ckpt.directory,
+                        step)
+        raise Preempted(step)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
     if eval_results is None or start == total:
@@ -585,6 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ckpt.wait_until_finished()
     best_step = ckpt.best_step()
   finally:
+    watcher.close()
     reporter.close()
     ckpt.close()
 

@@ -1,0 +1,130 @@
+"""Two processes x two CPU devices over gloo against one process x four."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from test_train import SMOKE, results, run_train
+
+ARGS = ("--config.num_train_steps=20", "--config.batch_size=64",
+        "--config.checkpoint_every_steps=10", "--config.eval_every_steps=0",
+        "--config.log_every_steps=5", "--config.eval_batch_size=1000")
+
+
+def launch(workdir, *args, num_processes=2, devices=2, timeout=170,
+           wait=True):
+  """Runs train.py as `num_processes` processes through the launcher."""
+  cmd = [sys.executable, "-m", "mnist_resnet.launch",
+         f"--num_processes={num_processes}",
+         f"--devices_per_process={devices}", f"--timeout={timeout}",
+         f"--logs={workdir}/logs", "--",
+         sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
+         f"--workdir={workdir}", "--config.distributed=true", *args]
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  proc.wait(timeout=timeout + 30)
+  return proc
+
+
+def process_log(workdir, i) -> str:
+  return (pathlib.Path(workdir) / "logs" / f"process_{i}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def runs(mnist_dir, tmp_path_factory):
+  """The same 20 steps as 2 processes x 2 devices and 1 process x 4."""
+  base = tmp_path_factory.mktemp("multihost")
+  data = f"--config.data_dir={mnist_dir}"
+  proc = launch(base / "two", data, *ARGS)
+  assert proc.returncode == 0, process_log(base / "two", 0)[-3000:]
+  run_train(base / "one", data, *ARGS, devices=4)
+  return base
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(runs):
+  two, one = results(runs / "two"), results(runs / "one")
+  assert (two["processes"], two["devices"]) == (2, 4)
+  assert (one["processes"], one["devices"]) == (1, 4)
+  np.testing.assert_allclose(two["final_train_loss"], one["final_train_loss"],
+                             rtol=1e-3)
+  assert two["test_accuracy"] == one["test_accuracy"]
+  assert two["eval_examples"] == 10000
+  # Only process 0 writes metrics and results; every log line names its
+  # process.
+  log1 = process_log(runs / "two", 1)
+  assert "[process 1/2]" in log1
+  assert len(list((runs / "two").glob("events.out.tfevents*"))) == 1
+
+
+def _resume_from_10(src, dst):
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("logs"))
+  shutil.rmtree(dst / "checkpoints" / "20")
+  (dst / "results.json").unlink()
+
+
+@pytest.mark.slow
+def test_checkpoints_restore_across_process_counts(runs, mnist_dir):
+  data = f"--config.data_dir={mnist_dir}"
+  one, two = results(runs / "one"), results(runs / "two")
+  # Written by 2 processes, restored by 1.
+  _resume_from_10(runs / "two", runs / "two_then_one")
+  run_train(runs / "two_then_one", data, *ARGS, devices=4)
+  r = results(runs / "two_then_one")
+  assert r["resumed_from"] == 10
+  np.testing.assert_allclose(r["final_train_loss"], one["final_train_loss"],
+                             rtol=1e-3)
+  # Written by 1 process, restored by 2.
+  _resume_from_10(runs / "one", runs / "one_then_two")
+  proc = launch(runs / "one_then_two", data, *ARGS)
+  assert proc.returncode == 0, process_log(runs / "one_then_two", 0)[-3000:]
+  r = results(runs / "one_then_two")
+  assert r["resumed_from"] == 10 and r["processes"] == 2
+  np.testing.assert_allclose(r["final_train_loss"], two["final_train_loss"],
+                             rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(mnist_dir,
+                                                           tmp_path):
+  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=400",
+          "--config.batch_size=64", "--config.checkpoint_every_steps=50",
+          "--config.eval_every_steps=0", "--config.log_every_steps=10")
+  proc = launch(tmp_path, *args, wait=False)
+  ckpts = tmp_path / "checkpoints"
+  deadline = time.time() + 150
+  while not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  # SIGTERM one worker only, as a scheduler preempting one host would.
+  out = subprocess.run(["pgrep", "-f", f"workdir={tmp_path}"],
+                       capture_output=True, text=True).stdout.split()
+  workers = []
+  for pid in map(int, out):
+    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+    if b"JAX_PROCESS_ID=1\0" in environ and b"train.py" in pathlib.Path(
+        f"/proc/{pid}/cmdline").read_bytes():
+      workers.append(pid)
+  assert len(workers) == 1, out
+  os.kill(workers[0], signal.SIGTERM)
+  proc.wait(timeout=90)
+  assert proc.returncode == 75, proc.stdout.read()[-3000:]
+  steps = [int(re.search(r"checkpoint saved at step (\d+)",
+                         process_log(tmp_path, i)).group(1)) for i in (0, 1)]
+  assert steps[0] == steps[1]
+  assert max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == (
+      steps[0])

@@ -1,0 +1,135 @@
+"""SIGTERM, SIGKILL and NaN: a failure costs at most the current step."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+from test_train import SMOKE, results, run_train
+
+PREEMPTED = 75
+STEPS = 200
+ARGS = ("--config.num_train_steps=200", "--config.checkpoint_every_steps=40",
+        "--config.eval_every_steps=0", "--config.log_every_steps=20",
+        "--config.max_checkpoints_to_keep=10")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  return results(workdir)
+
+
+def start_train(workdir, *args) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(
+      [sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
+       f"--workdir={workdir}", *args], cwd=REPO_ROOT, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def wait_for(predicate, proc, timeout=300.0, poll=0.02):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError("run ended early:\n" + proc.stderr.read()[-3000:])
+    time.sleep(poll)
+  raise AssertionError("timed out waiting")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_resumes_exactly(
+    mnist_dir, tmp_path, uninterrupted):
+  workdir = tmp_path / "run"
+  proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  # Training has started once the first periodic checkpoint exists; then
+  # stop it at an arbitrary later point.
+  wait_for(lambda: checkpoint_steps(workdir), proc)
+  time.sleep(random.uniform(0.0, 1.5))
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=60)
+  assert time.time() - sent < 60
+  assert proc.returncode == PREEMPTED, stderr[-3000:]
+  stopped = int(re.search(r"checkpoint saved at step (\d+)", stderr).group(1))
+  assert stopped < STEPS
+  assert checkpoint_steps(workdir)[-1] == stopped
+  assert not (workdir / "results.json").exists()
+
+  run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  resumed = results(workdir)
+  assert resumed["resumed_from"] == stopped
+  assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_save_resumes_from_previous(
+    mnist_dir, tmp_path, uninterrupted):
+  """A save killed half-way is ignored; the run resumes from the one before."""
+  for attempt in range(5):
+    workdir = tmp_path / f"run{attempt}"
+    proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+    complete = []
+
+    def saving():
+      directory = workdir / "checkpoints"
+      if not directory.exists():
+        return False
+      names = os.listdir(directory)
+      complete[:] = sorted(int(n) for n in names if n.isdigit())
+      # Kill during the second save, so a complete one exists before it.
+      return complete and any("tmp" in n for n in names)
+
+    try:
+      wait_for(saving, proc, poll=0.002)
+      proc.send_signal(signal.SIGKILL)
+    finally:
+      proc.wait(timeout=60)
+    names = os.listdir(workdir / "checkpoints")
+    partial = [n for n in names if "tmp" in n]
+    if partial:
+      break
+  else:
+    pytest.fail("could not catch a save in flight in 5 attempts")
+
+  before = max(complete)
+  run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  resumed = results(workdir)
+  assert resumed["resumed_from"] == before, (partial, complete)
+  assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+  assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
+
+
+def test_non_finite_loss_stops_with_one_line(mnist_dir, tmp_path):
+  proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=60",
+                   "--config.checkpoint_every_steps=10",
+                   "--config.log_every_steps=20", "--config.eval_every_steps=0",
+                   "--config.inject_nan_at_step=25", check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "step 25" in errors[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  # The last good checkpoint is still the latest; no NaN state was saved.
+  assert checkpoint_steps(tmp_path)[-1] == 20
+  assert not (tmp_path / "results.json").exists()
