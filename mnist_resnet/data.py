@@ -95,8 +95,12 @@ def _fetch(url: str, directory: pathlib.Path, filename: str,
   place only when their md5 is the official one, so an interrupted or bad
   download never leaves a file that a later run would trust.
   """
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.",
-                             suffix=".part")
+  try:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.",
+                               suffix=".part")
+  except OSError as e:
+    raise DataError(f"{directory}: cannot write a download there: "
+                    f"{_one_line(e.strerror or e)}") from e
   try:
     digest = hashlib.md5()
     with os.fdopen(fd, "wb") as out:
@@ -384,6 +388,8 @@ def _epoch_permutation_tf(tf, num_examples: int, seed: int, epoch):
 def global_batch_indices(num_examples: int, global_batch_size: int, seed: int,
                          step: int) -> np.ndarray:
   """Example indices of the global batch at `step` (reference definition)."""
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
   spe = steps_per_epoch(num_examples, global_batch_size)
   epoch, index = divmod(step, spe)
   perm = _epoch_permutation(num_examples, seed, epoch)

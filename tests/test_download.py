@@ -153,3 +153,13 @@ def test_all_mirrors_fail_names_each(tmp_path, official_md5, server):
   assert "refused" in message.lower()
   assert f"{missing}{data.TRAIN_IMAGES}.gz: HTTP 404" in message
   assert _listing(target) == []
+
+
+def test_unwritable_directory_is_a_data_error(tmp_path, official_md5, server,
+                                              monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(data.tempfile, "mkstemp", refuse)
+  with pytest.raises(DataError, match="cannot write a download there: "
+                     "Permission denied"):
+    data.locate_files(tmp_path, download=True, mirrors=[server + "/mnist/"])
