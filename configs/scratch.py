@@ -13,6 +13,10 @@ def get_config():
   c.backbone_lr_multiplier = 1.0
   # Short runs: BatchNorm statistics must follow the weights closely.
   c.bn_momentum = 0.9
-  # Blocks start as the identity: stable from the first step.
-  c.zero_init_residual = True
+  # No zero-initialised residual branches: in Keras's v1 layout the stride
+  # sits on 1x1 convolutions, so while every branch is zero the shortcuts
+  # alone carry one corner pixel per stride-2 stage. At 32x32 that corner is
+  # MNIST's black border: identical for every image, and BatchNorm (batch
+  # statistics) turns it into all-zero features and a loss stuck at ln(10).
+  c.zero_init_residual = False
   return c
