@@ -210,7 +210,7 @@ def load_pretrained_backbone(config: ml_collections.ConfigDict,
   """Host copy of `variables` with the backbone from pretrained weights."""
   from mnist_resnet import pretrained  # pylint: disable=g-import-not-at-top
   host = jax.device_get(variables)
-  source = config.pretrained_weights or "imagenet"
+  source = os.path.expanduser(config.pretrained_weights) or "imagenet"
   if source != "imagenet" and os.path.isdir(source):
     from mnist_resnet import convert  # pylint: disable=g-import-not-at-top
     loaded = convert.restore_variables(source)
@@ -472,16 +472,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains per `config`, checkpoints into `workdir`, returns the results."""
   validate_config(config)
+  if config.init == "imagenet" and config.pretrained_weights and not (
+      os.path.exists(os.path.expanduser(config.pretrained_weights))):
+    raise WeightsError(f"config.pretrained_weights="
+                       f"{config.pretrained_weights!r}: no such file or "
+                       "directory")
   splits = data.load_mnist(config.data_dir, download=config.download)
   num_train = len(splits["train"].labels)
   if config.batch_size > num_train:
     raise ConfigError(f"config.batch_size={config.batch_size}: larger than "
                       f"the {num_train} training images")
-  if config.init == "imagenet" and config.pretrained_weights and not (
-      os.path.exists(config.pretrained_weights)):
-    raise WeightsError(f"config.pretrained_weights="
-                       f"{config.pretrained_weights!r}: no such file or "
-                       "directory")
 
   trainer = Trainer.create(config, num_train)
   total = trainer.total_steps

@@ -216,3 +216,73 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
   assert len(lines) == 1, proc.stderr
   assert "train-images-idx3-ubyte" in lines[0] and str(empty) in lines[0]
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def keras_weights(tmp_path_factory):
+  """A randomly initialised Keras ResNet50 (notop) saved as .weights.h5."""
+  from mnist_resnet import pretrained
+  keras = pretrained.import_keras()
+  model = keras.applications.ResNet50(weights=None, include_top=False,
+                                      pooling="avg", input_shape=(32, 32, 3))
+  path = tmp_path_factory.mktemp("keras") / "resnet50.weights.h5"
+  model.save_weights(str(path))
+  return path, {w.path: np.asarray(w) for w in model.weights}
+
+
+def _default_config(mnist_dir, weights):
+  from configs import default
+  config = default.get_config()
+  config.data_dir = str(mnist_dir)
+  config.pretrained_weights = str(weights)
+  return config
+
+
+@pytest.mark.slow
+def test_imagenet_init_takes_the_backbone_from_keras_weights(
+    mnist_dir, keras_weights, tmp_path):
+  from mnist_resnet import convert
+  from mnist_resnet import train
+  path, keras_values = keras_weights
+  kernel = keras_values["conv1_conv/kernel"]
+  moving_var = keras_values["conv5_block3_3_bn/moving_variance"]
+
+  def check(config):
+    state = jax.device_get(train.Trainer.create(config, 60000).initial_state())
+    backbone = state.params["backbone"]
+    np.testing.assert_array_equal(backbone["conv1_conv"]["kernel"], kernel)
+    np.testing.assert_array_equal(
+        state.batch_stats["backbone"]["conv5_block3_3_bn"]["var"], moving_var)
+
+  check(_default_config(mnist_dir, path))
+  # The same weights through `python -m mnist_resnet.convert`'s output.
+  out = tmp_path / "converted"
+  subprocess.run([sys.executable, "-m", "mnist_resnet.convert",
+                  f"--keras_weights={path}", f"--out={out}"], cwd=REPO_ROOT,
+                 check=True, capture_output=True)
+  check(_default_config(mnist_dir, out))
+
+
+@pytest.mark.slow
+def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
+                                                     tmp_path):
+  path, _ = keras_weights
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+            f"--config.pretrained_weights={path}", "--config.batch_size=32",
+            "--config.num_train_steps=3", "--config.log_every_steps=1",
+            "--config.eval_batch_size=2000",
+            config=str(REPO_ROOT / "configs" / "default.py"))
+  r = results(tmp_path)
+  assert r["config"]["init"] == "imagenet" and r["eval_examples"] == 10000
+  assert np.isfinite(r["final_train_loss"])
+
+
+def test_missing_pretrained_file_is_one_line_exit_2(mnist_dir, tmp_path):
+  proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+                   f"--config.pretrained_weights={tmp_path}/nope.h5",
+                   config=str(REPO_ROOT / "configs" / "default.py"),
+                   check=False, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("error: ") and "nope.h5" in lines[0]
