@@ -78,20 +78,78 @@ def test_resnet50_from_scratch_loss_falls(mnist_dir, tmp_path):
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
 
 
+# Runs compared across device and process counts. The smoke recipe (SGD at a
+# high learning rate) is chaotic in float32: on ONE device, a 1e-7 relative
+# perturbation of the initial parameters grows to 1e-1 in the loss within
+# about a dozen steps, so two correct runs that differ only in reduction order
+# cannot agree to 1e-3 after 20 steps. A small Adam step keeps rounding
+# differences at rounding level while every other part of the step (global
+# batch, BatchNorm over the global batch, augmentation and dropout keys,
+# gradient all-reduce) still has to match.
+EQUIVALENCE_ARGS = (
+    "--config.num_train_steps=20", "--config.batch_size=64",
+    "--config.optimizer=adamw", "--config.learning_rate=1e-4",
+    "--config.weight_decay=0.0", "--config.zero_init_residual=false",
+    "--config.log_every_steps=1", "--config.eval_batch_size=1000",
+    "--config.eval_every_steps=0", "--config.checkpoint_every_steps=10")
+
+
+def train_losses(workdir) -> list[float]:
+  return [m["train_loss"] for m in metrics(workdir) if "train_loss" in m]
+
+
+def assert_same_training(workdir_a, workdir_b, mnist_dir):
+  """Same per-step losses, test accuracy and parameter updates (to 1e-3)."""
+  from mnist_resnet import checkpoint as checkpoint_lib
+  from mnist_resnet import train
+  from configs import smoke
+  a, b = results(workdir_a), results(workdir_b)
+  np.testing.assert_allclose(train_losses(workdir_b), train_losses(workdir_a),
+                             rtol=1e-3)
+  np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"],
+                             rtol=1e-3)
+  # Rounding can move an example that sits on a decision boundary (the
+  # models are 20 steps old): at most two of the 10,000.
+  assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 2e-4
+  # The updates themselves: a gradient averaged over one device's share of
+  # the batch instead of the global batch would change them by O(1).
+  config = smoke.get_config()
+  config.data_dir = str(mnist_dir)
+  for arg in EQUIVALENCE_ARGS:
+    key, value = arg[len("--config."):].split("=")
+    config[key] = type(config[key])(
+        value if not isinstance(config[key], bool) else value == "true")
+  trainer = train.Trainer.create(config, 60000)
+  start = jax.device_get(trainer.initial_state().params)
+  final = []
+  for workdir in (workdir_a, workdir_b):
+    ckpt = checkpoint_lib.Checkpointer(str(pathlib.Path(workdir) /
+                                           "checkpoints"), max_to_keep=5)
+    final.append(jax.device_get(
+        ckpt.restore(20, trainer.abstract_state()).params))
+    ckpt.close()
+  deltas = []
+  for params in final:
+    leaves = jax.tree_util.tree_leaves_with_path(
+        jax.tree.map(lambda p, p0: p - p0, params, start))
+    # Biases of convolutions that feed a BatchNorm have no effect on the
+    # output (their exact gradient is zero; Adam scales float noise up).
+    deltas.append(np.concatenate([
+        np.ravel(d) for path, d in leaves
+        if not (jax.tree_util.keystr(path).endswith("_conv']['bias']"))]))
+  np.testing.assert_array_less(
+      np.linalg.norm(deltas[1] - deltas[0]), 1e-3 * np.linalg.norm(deltas[0]))
+
+
 @pytest.mark.slow
 def test_eight_devices_match_one(mnist_dir, tmp_path):
   """Same global batch on 1 and 8 devices: the same training, to rounding."""
-  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=20",
-          "--config.batch_size=64", "--config.log_every_steps=1",
-          "--config.eval_batch_size=1000", "--config.eval_every_steps=0",
-          "--config.checkpoint_every_steps=1000")
+  args = (f"--config.data_dir={mnist_dir}", *EQUIVALENCE_ARGS)
   run_train(tmp_path / "one", *args, devices=1)
   run_train(tmp_path / "eight", *args, devices=8)
-  one, eight = results(tmp_path / "one"), results(tmp_path / "eight")
-  assert (one["devices"], eight["devices"]) == (1, 8)
-  np.testing.assert_allclose(eight["final_train_loss"],
-                             one["final_train_loss"], rtol=1e-3)
-  assert abs(eight["test_accuracy"] - one["test_accuracy"]) <= 0.002
+  assert (results(tmp_path / "one")["devices"],
+          results(tmp_path / "eight")["devices"]) == (1, 8)
+  assert_same_training(tmp_path / "one", tmp_path / "eight", mnist_dir)
 
 
 def _wait_for_checkpoint(proc, directory: pathlib.Path, timeout=300):

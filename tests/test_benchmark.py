@@ -1,0 +1,228 @@
+"""`python -m mnist_resnet.benchmark` in every mode, as a user runs it.
+
+The tiny model, small batches and 3 timed steps keep this fast on 2 CPU
+cores; each subprocess compiles the real train step once or twice, which is
+most of its time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mnist_resnet import benchmark
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = ("--config.model=resnet_tiny", "--config.bench_steps=3",
+        "--config.bench_warmup_steps=1", "--config.download=false")
+STEP_FIELDS = (
+    "model", "image_size", "dtype", "batch_size", "per_device_batch_size",
+    "device_count", "device_kind", "compile_seconds", "step_ms_median",
+    "step_ms_p10", "step_ms_p90", "images_per_sec",
+    "images_per_sec_per_device", "flops_per_step", "tflops_per_sec", "mfu",
+    "peak_memory_bytes", "host_to_device_bytes_per_example")
+
+
+def _run(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.run(
+      [sys.executable, "-m", "mnist_resnet.benchmark",
+       "--config=configs/benchmark.py", *args],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _json_lines(stdout: str) -> list[dict]:
+  return [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+
+
+def _tiny_train_flops(batch: int, size: int) -> float:
+  """Multiply-adds of resnet_tiny's convolutions and dense layer, counted
+  from the architecture (stem 7x7/2, 3x3/2 max-pool, one bottleneck per
+  stage), times 2 (multiply + add) times 3 (forward, and the backward's
+  gradients with respect to inputs and to weights)."""
+  macs = 0
+  side = -(-size // 2)  # 7x7 stride-2 conv, padding 3.
+  macs += side * side * 7 * 7 * 3 * 16
+  side = (side + 2 - 3) // 2 + 1  # Zero-pad 1, 3x3 stride-2 max-pool.
+  cin = 16
+  for stage, width in enumerate((8, 16, 32, 64)):
+    stride = 1 if stage == 0 else 2
+    out = -(-side // stride)
+    macs += out * out * cin * 4 * width           # Projection shortcut.
+    macs += out * out * cin * width               # 1x1 (strided).
+    macs += out * out * 9 * width * width         # 3x3.
+    macs += out * out * width * 4 * width         # 1x1 expansion.
+    side, cin = out, 4 * width
+  macs += cin * 10                                # Dense head.
+  return 2.0 * 3.0 * macs * batch
+
+
+def _check_measurement(r: dict, mode: str, batch: int, size: int,
+                       devices: int = 1) -> None:
+  for key in STEP_FIELDS:
+    assert key in r, key
+  assert r["mode"] == mode
+  assert r["model"] == "resnet_tiny"
+  assert (r["image_size"], r["batch_size"]) == (size, batch)
+  assert r["device_count"] == devices
+  assert r["per_device_batch_size"] * devices == batch
+  assert r["timed_steps"] == 3
+  for key in ("compile_seconds", "step_ms_median", "step_ms_p10",
+              "step_ms_p90", "images_per_sec", "images_per_sec_per_device",
+              "flops_per_step", "tflops_per_sec"):
+    assert r[key] > 0, (key, r[key])
+  assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+  # Timed images over timed seconds: batch / mean step time.
+  assert r["images_per_sec"] == pytest.approx(
+      batch * 1e3 / r["step_ms_mean"], rel=1e-3)
+  analytic = _tiny_train_flops(batch, size)
+  assert analytic / 2 <= r["flops_per_step"] <= analytic * 2, (
+      r["flops_per_step"], analytic)
+  # uint8 28x28 image + int32 label, whatever the model's input size.
+  assert r["host_to_device_bytes_per_example"] == 28 * 28 + 4
+  assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU.
+
+
+def test_all_modes_tiny_model(mnist_dir, tmp_path):
+  result = _run(*FAST, "--config.mode=all", f"--config.data_dir={mnist_dir}",
+                "--config.batch_size=32", "--config.input_images=2000",
+                f"--config.profile_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _json_lines(result.stdout)
+  assert [r["mode"] for r in lines] == ["input", "step", "train", "all"]
+  assert len(result.stdout.strip().splitlines()) == 4  # No table: one run.
+  inp, step, train, summary = lines
+  assert inp["images_per_sec"] > 0 and inp["batch_size"] == 32
+  assert inp["host_to_device_bytes_per_example"] == 788
+  _check_measurement(step, "step", 32, 32)
+  _check_measurement(train, "train", 32, 32)
+  # The profile covers steps 11-13, so the train mode warms up past them.
+  assert train["warmup_steps"] == benchmark.TRAIN_PROFILE_START + 3
+  assert train["compile_seconds"] == step["compile_seconds"]
+  assert summary["loop_efficiency"] == pytest.approx(
+      train["images_per_sec"] / step["images_per_sec"], rel=1e-3)
+  # Both profiles were written: the step mode's and train.py's own.
+  traces = sorted(p.relative_to(tmp_path).parts[0]
+                  for p in tmp_path.rglob("*.xplane.pb"))
+  assert traces == ["step_resnet_tiny_32px_b32_float32",
+                    "train_resnet_tiny_32px_b32_float32"], traces
+
+
+def test_sweep_prints_every_combination_and_a_table():
+  result = _run(*FAST, "--config.mode=step", "--config.batch_sizes=8,16",
+                "--config.image_sizes=28", devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _json_lines(result.stdout)
+  assert [(r["batch_size"], r["image_size"]) for r in lines] == [
+      (8, 28), (16, 28)]
+  for r in lines:
+    _check_measurement(r, "step", r["batch_size"], 28, devices=2)
+  table = [l for l in result.stdout.splitlines() if not l.startswith("{")]
+  assert table[0].split()[:4] == ["mode", "model", "size", "batch"]
+  assert set(table[1]) == {"-"}
+  assert [row.split()[:4] for row in table[2:]] == [
+      ["step", "resnet_tiny", "28", "8"], ["step", "resnet_tiny", "28", "16"]]
+
+
+def test_input_benchmark_prints_json(mnist_dir):
+  result = _run("--config.mode=input", f"--config.data_dir={mnist_dir}",
+                "--config.download=false", "--config.input_images=20000",
+                "--config.batch_size=128")
+  assert result.returncode == 0, result.stderr
+  last = json.loads(result.stdout.strip().splitlines()[-1])
+  assert last["mode"] == "input"
+  assert last["shuffle"] is True
+  assert last["batch_size"] == 128
+  assert last["images"] >= 20000 and last["images"] % 128 == 0
+  assert last["seconds"] > 0
+  assert last["images_per_sec"] > 0
+
+
+def test_missing_data_is_one_line_exit_2(tmp_path):
+  result = _run("--config.mode=input", f"--config.data_dir={tmp_path}",
+                "--config.download=false")
+  assert result.returncode == 2
+  assert result.stdout == ""
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: missing train-images-idx3-ubyte")
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config.mode=nonsense",), "config.mode='nonsense'"),
+    (("--config.batch_sizes=64,x",), "config.batch_sizes='64,x'"),
+    (("--config.image_sizes=0",), "config.image_sizes='0'"),
+    (("--config.bench_steps=0",), "config.bench_steps=0"),
+])
+def test_bad_benchmark_keys_are_config_errors(tmp_path, args, message):
+  result = _run(*args, f"--config.data_dir={tmp_path}")
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------
+# In-process pieces.
+
+
+def test_peak_table():
+  assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
+  assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756
+  assert benchmark.peak_tflops("NVIDIA H200", "float32") == 495
+  assert benchmark.peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312
+  assert benchmark.peak_tflops("TPU v4", "bfloat16") == 275
+  assert benchmark.peak_tflops("TPU v5 lite", "bfloat16") == 197
+  assert benchmark.peak_tflops("TPU v5p", "float32") == 459
+  assert benchmark.peak_tflops("TPU v6 lite", "bfloat16") == 918
+  assert benchmark.peak_tflops("cpu", "float32") is None
+
+
+def test_parse_sizes():
+  assert benchmark.parse_sizes("", 128, "batch_sizes") == [128]
+  assert benchmark.parse_sizes("64,128,64", 1, "batch_sizes") == [64, 128]
+
+
+def test_synthetic_batch_is_what_the_pipeline_yields(mnist_dir):
+  from mnist_resnet import data
+  from configs import benchmark as benchmark_config
+  config = benchmark_config.get_config()
+  config.batch_size = 16
+  fake = benchmark.synthetic_batch(config)
+  split = data.load_mnist(mnist_dir)["train"]
+  real = next(data.train_dataset(split, global_batch_size=16,
+                                 seed=0).as_numpy_iterator())
+  assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
+      k: (v.shape, v.dtype) for k, v in real.items()}
+
+
+def test_ready_clock_times_steps_without_blocking_the_caller():
+  import jax
+  import jax.numpy as jnp
+  clock = benchmark.ReadyClock()
+  f = jax.jit(lambda x: (x @ x).sum())
+  x = jnp.ones((256, 256))
+  for step in range(1, 4):
+    clock(step, {"train_loss": f(x)})
+  ready = clock.close()
+  assert sorted(ready) == [1, 2, 3]
+  assert ready[1] <= ready[2] <= ready[3]
+
+
+def test_format_table_aligns_rows():
+  rows = [{"mode": "step", "model": "m", "image_size": 32, "batch_size": 8,
+           "images_per_sec": 12.345, "mfu": None},
+          {"mode": "all", "model": "m", "image_size": 32, "batch_size": 8,
+           "loop_efficiency": 0.98}]
+  lines = benchmark.format_table(rows).splitlines()
+  assert len(lines) == 4
+  assert "12.3" in lines[2] and "0.980" in lines[3]
+  assert len({len(l) for l in lines[:2]}) == 1
+  assert np.all([l.startswith(("mode", "-", "step", "all")) for l in lines])
