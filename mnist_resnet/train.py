@@ -468,9 +468,17 @@ class MetricsQueue:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
-  """Trains per `config`, checkpoints into `workdir`, returns the results."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *,
+    on_step: Callable[[int, Mapping[str, jax.Array]], None] | None = None
+) -> dict[str, Any]:
+  """Trains per `config`, checkpoints into `workdir`, returns the results.
+
+  `on_step(step, metrics)`, when given, is called right after each train step
+  is dispatched, with that step's metrics still on the device: it observes
+  the loop (benchmark.py times it this way) and must not wait for them, or
+  the loop would stall.
+  """
   validate_config(config)
   if config.init == "imagenet" and config.pretrained_weights and not (
       os.path.exists(os.path.expanduser(config.pretrained_weights))):
@@ -567,6 +575,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if (step - 1) % config.log_every_steps == 0:
         log_train(queue.fetch(step - 1))
       queue.put(step, metrics)
+      if on_step is not None:
+        on_step(step, metrics)
       reporter.progress(step)
 
       do_eval = step == total or (period and step % period == 0)
