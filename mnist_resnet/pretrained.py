@@ -44,6 +44,8 @@ _IMAGENET_NOTOP_MD5 = {
     "resnet101": "88cf7a10940856eca736dc7b7e228a21",
     "resnet152": "ee4c566cf9a93f14d82f913c2dc6dd0c",
 }
+# Models Keras publishes ImageNet weights for.
+IMAGENET_MODELS = tuple(_IMAGENET_NOTOP_MD5)
 _DISPLAY_NAME = {"resnet50": "ResNet50", "resnet101": "ResNet101",
                  "resnet152": "ResNet152"}
 

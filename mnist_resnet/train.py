@@ -39,13 +39,12 @@ from mnist_resnet import models
 from mnist_resnet import parallel
 from mnist_resnet import preemption
 from mnist_resnet import preprocess
+from mnist_resnet import pretrained
 from mnist_resnet import reporting
 from mnist_resnet.errors import ConfigError, Preempted, TrainingError
 from mnist_resnet.errors import WeightsError
 
 NUM_CLASSES = 10
-# Models Keras publishes ImageNet weights for.
-IMAGENET_MODELS = ("resnet50", "resnet101", "resnet152")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -79,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model not in models.MODELS:
     fail("model", f"unknown model; known: {', '.join(sorted(models.MODELS))}")
   if config.init == "imagenet" and not config.pretrained_weights and (
-      config.model not in IMAGENET_MODELS):
+      config.model not in pretrained.IMAGENET_MODELS):
     fail("init", f"Keras has no ImageNet weights for {config.model}; use "
          "init=scratch or give --config.pretrained_weights=PATH")
   positive = ("batch_size", "eval_batch_size", "log_every_steps",
@@ -205,13 +204,21 @@ def new_state(variables: Mapping[str, Any], tx: optax.GradientTransformation,
       ema_params=params if config.ema_decay > 0 else {})
 
 
+def resolve_pretrained(config: ml_collections.ConfigDict) -> str:
+  """Local path of the pretrained weights: `pretrained_weights`, or Keras's
+  ImageNet file from its cache (downloaded on first use)."""
+  if config.pretrained_weights:
+    return os.path.expanduser(config.pretrained_weights)
+  return pretrained.imagenet_weights_path(config.model)
+
+
 def load_pretrained_backbone(config: ml_collections.ConfigDict,
-                             variables: Mapping[str, Any]) -> dict:
-  """Host copy of `variables` with the backbone from pretrained weights."""
-  from mnist_resnet import pretrained  # pylint: disable=g-import-not-at-top
+                             variables: Mapping[str, Any],
+                             source: str) -> dict:
+  """Host copy of `variables` with the backbone from `source`: a Keras
+  weight file or a directory written by `python -m mnist_resnet.convert`."""
   host = jax.device_get(variables)
-  source = os.path.expanduser(config.pretrained_weights) or "imagenet"
-  if source != "imagenet" and os.path.isdir(source):
+  if os.path.isdir(source):
     from mnist_resnet import convert  # pylint: disable=g-import-not-at-top
     loaded = convert.restore_variables(source)
     merged = {}
@@ -229,7 +236,7 @@ def load_pretrained_backbone(config: ml_collections.ConfigDict,
               f"shape {np.shape(a)}, {config.model} expects {np.shape(b)}")
       merged[col] = {**host[col], "backbone": have}
     return merged
-  return pretrained.load_pretrained(config.model, host, source)
+  return pretrained.load_keras_weights(source, host)
 
 
 def params_sha256(params: Any) -> str:
@@ -405,12 +412,14 @@ class Trainer:
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
         shapes)
 
-  def initial_state(self) -> TrainState:
-    """Fresh state: pretrained backbone (init=imagenet) or random (scratch)."""
+  def initial_state(self, weights: str | None = None) -> TrainState:
+    """Fresh state: backbone from `weights` (a Keras file or a converted
+    checkpoint directory; see `resolve_pretrained`), else random."""
     variables = self.init_variables()
     if self.config.init == "imagenet":
-      variables = parallel.replicate(
-          load_pretrained_backbone(self.config, variables), self.mesh)
+      variables = parallel.replicate(load_pretrained_backbone(
+          self.config, variables,
+          weights or resolve_pretrained(self.config)), self.mesh)
     rep = parallel.replicated(self.mesh)
     return jax.jit(lambda v: new_state(v, self.tx, self.config),
                    out_shardings=rep)(variables)
@@ -491,18 +500,22 @@ def train_and_evaluate(
     raise ConfigError(f"config.batch_size={config.batch_size}: larger than "
                       f"the {num_train} training images")
 
-  trainer = Trainer.create(config, num_train)
-  total = trainer.total_steps
-  lead = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)
-  meta = {"config": config.to_dict(), "devices": jax.device_count(),
-          "processes": jax.process_count()}
-
   # Resume order: the workdir's latest checkpoint, then pretrained, then
   # scratch (init=imagenet/scratch decides between the last two).
   latest = ckpt.latest_step()
+  weights = None
+  if latest is None and config.init == "imagenet":
+    # Download (or find in Keras's cache) before anything compiles.
+    weights = resolve_pretrained(config)
+
+  trainer = Trainer.create(config, num_train)
+  total = trainer.total_steps
+  lead = jax.process_index() == 0
+  meta = {"config": config.to_dict(), "devices": jax.device_count(),
+          "processes": jax.process_count()}
   if latest is not None:
     logging.info("Resuming from %s/%d", ckpt.directory, latest)
     try:
@@ -513,7 +526,7 @@ def train_and_evaluate(
           f"optimizer or trainable changed?): {str(e).splitlines()[0]}"
       ) from None
   else:
-    state = trainer.initial_state()
+    state = trainer.initial_state(weights)
   start = int(jax.device_get(state.step))
   if start > total:
     raise ConfigError(f"{ckpt.directory}/{start} is past the run's "

@@ -344,3 +344,18 @@ def test_missing_pretrained_file_is_one_line_exit_2(mnist_dir, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("error: ") and "nope.h5" in lines[0]
+
+
+def test_imagenet_weights_unavailable_is_one_line_exit_2(mnist_dir, tmp_path):
+  """No cached file and no network: one line saying how to pass a file."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", KERAS_HOME=str(tmp_path / "k"),
+             HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+  proc = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "train.py"),
+       f"--config={REPO_ROOT / 'configs' / 'default.py'}",
+       f"--workdir={tmp_path / 'w'}", f"--config.data_dir={mnist_dir}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "pretrained_weights" in errors[0]
+  assert "Traceback" not in proc.stderr
