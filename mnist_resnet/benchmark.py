@@ -274,6 +274,7 @@ def _result(mode: str, config: ml_collections.ConfigDict,
       "step_ms_p10": round(float(np.percentile(ms, 10)), 3),
       "step_ms_p90": round(float(np.percentile(ms, 90)), 3),
       "step_ms_mean": round(float(np.mean(ms)), 3),
+      "step_ms_max": round(float(np.max(ms)), 3),
       "timed_steps": len(ms),
       "warmup_steps": warmup,
       "images_per_sec": round(images_per_sec, 2),
@@ -371,7 +372,9 @@ def benchmark_step(config: ml_collections.ConfigDict,
     raise AssertionError("the benchmarked step produced a non-finite loss")
   if config.profile_dir:
     path = os.path.join(str(config.profile_dir), _run_name("step", config))
-    with jax.profiler.trace(path):
+    # The .xplane.pb is for TensorBoard's profile plugin, the
+    # perfetto_trace.json.gz beside it for ui.perfetto.dev.
+    with jax.profiler.trace(path, create_perfetto_trace=True):
       for _ in range(PROFILE_STEPS):
         state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)

@@ -113,6 +113,7 @@ def test_all_modes_tiny_model(mnist_dir, tmp_path):
                   for p in tmp_path.rglob("*.xplane.pb"))
   assert traces == ["step_resnet_tiny_32px_b32_float32",
                     "train_resnet_tiny_32px_b32_float32"], traces
+  assert list(tmp_path.glob("step_*/**/perfetto_trace.json.gz"))
 
 
 def test_sweep_prints_every_combination_and_a_table():
