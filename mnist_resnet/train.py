@@ -551,7 +551,12 @@ def train_and_evaluate(
   last_train_loss = float("nan")
   eval_results: dict[str, Any] | None = None
   eval_seconds = 0.0
-  profile_at = start + 10 if config.profile_steps else -1
+  # Trace `profile_steps` steps once the loop is warm (10 steps in, or
+  # earlier in a short run), stopping at the end of the run at the latest.
+  profile_at = (start + 1 + min(10, (total - start) // 2)
+                if config.profile_steps else -1)
+  profile_end = min(profile_at + config.profile_steps - 1, total)
+  tracing = False
   t_loop = time.perf_counter()
   t_first = None
   # (time, step, eval seconds so far) at the last train log.
@@ -576,13 +581,15 @@ def train_and_evaluate(
     for step in range(start + 1, total + 1):
       if step == profile_at:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        tracing = True
       batch = parallel.global_batch(next(train_iter), trainer.mesh)
       state, metrics = trainer.train_step(state, batch)
       if t_first is None:
         t_first = time.perf_counter()   # compiled; step `start + 1` queued
-      if step == profile_at + config.profile_steps:
+      if tracing and step == profile_end:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+        tracing = False
       # Fetch a logged step once the step after it is queued: the host
       # waits for finished work while the device runs the next step.
       if (step - 1) % config.log_every_steps == 0:
@@ -621,6 +628,8 @@ def train_and_evaluate(
     ckpt.wait_until_finished()
     best_step = ckpt.best_step()
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     watcher.close()
     reporter.close()
     ckpt.close()

@@ -359,3 +359,11 @@ def test_imagenet_weights_unavailable_is_one_line_exit_2(mnist_dir, tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "pretrained_weights" in errors[0]
   assert "Traceback" not in proc.stderr
+
+
+def test_profile_steps_writes_a_trace_in_a_short_run(mnist_dir, tmp_path):
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+            "--config.num_train_steps=6", "--config.profile_steps=3",
+            "--config.eval_every_steps=0", "--config.eval_batch_size=2000")
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert traces, list((tmp_path / "profile").rglob("*"))
