@@ -13,13 +13,14 @@ because browsers often decompress `.gz` downloads while keeping the name.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pathlib
 import struct
 import tempfile
 import zlib
-from typing import NamedTuple, Union
+from typing import Iterator, NamedTuple, Union
 
 import numpy as np
 
@@ -122,17 +123,23 @@ def _wrap_os_error(path: PathLike, err: OSError) -> IdxError:
 
 def read_idx_header(path: PathLike) -> IdxHeader:
   """Reads and validates only the header (cheap, even for gzip files)."""
-  try:
+  with _file_errors(path, "corrupt gzip stream in the header"):
     if _is_gzip(path):
       with gzip.open(path, "rb") as f:
         return _read_header(path, f)
     with open(path, "rb") as f:
       return _read_header(path, f)
+
+
+@contextlib.contextmanager
+def _file_errors(path: pathlib.Path, gzip_fault: str) -> Iterator[None]:
+  """Turns gzip and OS errors while reading `path` into IdxError."""
+  try:
+    yield
   except IdxError:
     raise
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-    raise IdxError(f"{path}: corrupt gzip stream in the header: "
-                   f"{_one_line(e)}") from e
+    raise IdxError(f"{path}: {gzip_fault}: {_one_line(e)}") from e
   except OSError as e:
     raise _wrap_os_error(path, e) from e
 
@@ -225,18 +232,11 @@ def read_idx(path: PathLike) -> np.ndarray:
     IdxError: the file is unreadable, malformed, truncated, has trailing bytes
       or fails its gzip integrity check; the message names the file.
   """
-  try:
+  with _file_errors(path, "truncated or corrupt gzip stream"):
     if _is_gzip(path):
       header, buf = _read_gzip(path)
     else:
       header, buf = _read_raw(path)
-  except IdxError:
-    raise
-  except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-    raise IdxError(f"{path}: truncated or corrupt gzip stream: "
-                   f"{_one_line(e)}") from e
-  except OSError as e:
-    raise _wrap_os_error(path, e) from e
   stored = header.dtype.newbyteorder(">")
   array = buf.view(stored).reshape(header.shape)
   if stored.itemsize > 1:
