@@ -447,13 +447,14 @@ class Trainer:
 
 
 class MetricsQueue:
-  """Train metrics on their way off the device, one step behind the loop.
+  """Train metrics on their way off the device, without stalling the loop.
 
-  Each step's metrics stay on the device until the loop has dispatched the
-  next step; only then are they fetched, so the host waits for work that is
-  already done while the device runs the step after it. Every step's loss and
-  gradient norm are checked for finiteness (a few scalars per step), so a
-  divergence is reported at the step where it happened.
+  Every step's metrics (a few scalars) are queued as device arrays. They are
+  fetched together at each logged step, once the step after it has been
+  dispatched (so the host waits for finished work while the device runs the
+  next step), and before every evaluation or checkpoint. All fetched steps
+  are checked for finiteness, so a divergence is reported at the step where
+  it happened and a diverged state is never saved.
   """
 
   def __init__(self):
@@ -509,7 +510,11 @@ def train_and_evaluate(
   weights = None
   if latest is None and config.init == "imagenet":
     # Download (or find in Keras's cache) before anything compiles.
-    weights = resolve_pretrained(config)
+    try:
+      weights = resolve_pretrained(config)
+    except WeightsError:
+      ckpt.close()
+      raise
 
   trainer = Trainer.create(config, num_train)
   total = trainer.total_steps
