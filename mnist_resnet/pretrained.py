@@ -331,16 +331,6 @@ def imagenet_weights_path(model_name: str = "resnet50") -> str:
         f"~/.keras/models/{file_name})") from None
 
 
-def load_pretrained(model_name: str, variables: Mapping[str, Any],
-                    path_or_imagenet: str) -> dict[str, Any]:
-  """`load_keras_weights` from a path, or from Keras's cache for 'imagenet'."""
-  if path_or_imagenet == "imagenet":
-    path = imagenet_weights_path(model_name)
-  else:
-    path = os.path.expanduser(path_or_imagenet)
-  return load_keras_weights(path, variables)
-
-
 def import_keras() -> Any:
   """Imports Keras with TensorFlow kept off the GPUs (they belong to JAX)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -89,7 +89,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       fail(key, "must be > 0")
   non_negative = ("warmup_steps", "weight_decay", "grad_clip_norm",
                   "backbone_lr_multiplier", "profile_steps", "aug_max_shift",
-                  "aug_max_rotation", "aug_max_scale")
+                  "aug_max_rotation")
   for key in non_negative:
     if config[key] < 0:
       fail(key, "must be >= 0")

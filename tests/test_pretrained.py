@@ -396,7 +396,7 @@ def test_imagenet_download_failure_is_one_line(monkeypatch):
   fake = types.SimpleNamespace(utils=types.SimpleNamespace(get_file=get_file))
   monkeypatch.setattr(pretrained, "import_keras", lambda: fake)
   with pytest.raises(WeightsError) as info:
-    pretrained.load_pretrained("resnet50", tiny_abstract(), "imagenet")
+    pretrained.imagenet_weights_path("resnet50")
   message = str(info.value)
   assert "\n" not in message
   assert message.startswith("could not download Keras's ImageNet ResNet50 "
