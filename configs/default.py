@@ -81,8 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Learning-rate multiplier for the backbone when trainable=all: pretrained
   # features need smaller steps than the freshly initialised head.
   c.backbone_lr_multiplier = 0.1
-  # Exponential moving average of the parameters, used for evaluation when
-  # > 0 (e.g. 0.999). 0 disables.
+  # Exponential moving average of the parameters and BatchNorm statistics,
+  # used for evaluation when > 0 (e.g. 0.999; the decay warms up as
+  # min(decay, (1 + step) / (10 + step))). 0 disables.
   c.ema_decay = 0.0
 
   # --- Augmentation (on the device, keyed by step) ----------------------
