@@ -68,14 +68,17 @@ def test_smoke_one_epoch_accuracy(mnist_dir, tmp_path):
 @pytest.mark.slow
 def test_resnet50_from_scratch_loss_falls(mnist_dir, tmp_path):
   run_train(tmp_path, f"--config.data_dir={mnist_dir}",
-            "--config.batch_size=32", "--config.num_train_steps=20",
+            "--config.batch_size=32", "--config.num_train_steps=40",
             "--config.warmup_steps=5", "--config.log_every_steps=1",
             "--config.eval_batch_size=2000", "--config.eval_every_steps=0",
             "--config.checkpoint_every_steps=1000",
             config=str(REPO_ROOT / "configs" / "scratch.py"))
   losses = [m["train_loss"] for m in metrics(tmp_path) if "train_loss" in m]
-  assert len(losses) == 20
-  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+  assert len(losses) == 40
+  # Measured: ~3.8 over the first 5 steps (random logits are large), ~1.9
+  # over the last 10; the loss rises at first while the peak learning rate
+  # is reached.
+  assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.5, losses
 
 
 # Runs compared across device and process counts. The smoke recipe (SGD at a
