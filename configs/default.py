@@ -2,6 +2,14 @@
 
     python train.py --config=configs/default.py --workdir=runs/default
 
+Recipe: SGD + Nesterov at 0.1 per 256 examples for the new head and 0.1x
+that for the pretrained backbone, 100 warmup steps, cosine to zero over 3
+epochs, BatchNorm statistics that follow MNIST quickly (bn_momentum below).
+Its accuracy from Keras's ImageNet weights is not measured: they need network
+access. The path itself (Keras weight file or `mnist_resnet.convert` output
+-> backbone -> training -> results.json) is tested with a randomly
+initialised Keras ResNet50.
+
 Every other config imports this one and overrides what it needs, so this file
 is the single list of keys. The config is locked: a key that is not defined
 here is an error before anything runs.
@@ -43,8 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.hidden_units = ()
   # Dropout before each dense layer of the head (0.5 as in the notebook).
   c.dropout_rate = 0.5
-  # BatchNorm momentum (Keras convention; 0.99 averages over ~100 steps).
-  c.bn_momentum = 0.99
+  # BatchNorm momentum (Keras convention: running = m * running + (1 - m) *
+  # batch). Keras's 0.99 averages over ~100 steps; pretrained statistics
+  # describe ImageNet, not MNIST, and evaluation uses the running ones, so
+  # they must be replaced quickly. Measured: the fine-tune path from a
+  # (random) Keras ResNet50, 100 steps: 67.1% test accuracy at 0.9, 9.8% at
+  # 0.99, same training loss.
+  c.bn_momentum = 0.9
   # Initialise the last BatchNorm scale of every residual branch to zero, so
   # each block starts as the identity. Only affects random init.
   c.zero_init_residual = False
