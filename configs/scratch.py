@@ -18,8 +18,11 @@ thing from AdamW 2e-3 at batch 256, label smoothing 0.1, head dropout 0.5):
 
 The network underfits at this length (clean training accuracy equals test
 accuracy), so everything that speeds up fitting helps and regularisers do
-not. Combined, on the 2-core CPU: batch 128, peak 4e-3, no dropout: 98.88%;
-batch 128, peak 8e-3, no dropout, no label smoothing (this file): 99.35%.
+not. Combined, 3 epochs on the 2-core CPU (batch 128, no dropout):
+  peak 4e-3, label smoothing 0.1, seed 0:                98.88%
+  peak 4e-3, no label smoothing (this file), seeds 0, 1: 99.06%, 99.11%
+  peak 8e-3, no label smoothing, seeds 0, 1:             99.35%, 98.17%
+  peak 16e-3, no label smoothing, seed 0:                96.42%
 """
 
 from configs import default
@@ -33,8 +36,9 @@ def get_config():
   c.optimizer = "adamw"
   # Smaller batches: twice the updates for the same images.
   c.batch_size = 128
-  # Per 256 examples, scaled linearly: the peak is 8e-3 at batch 128.
-  c.learning_rate = 16e-3
+  # Per 256 examples, scaled linearly: the peak is 4e-3 at batch 128. Twice
+  # that fits faster but is seed-dependent (99.35% / 98.17%); 4x diverges.
+  c.learning_rate = 8e-3
   c.warmup_steps = 100
   # Decoupled, on kernels only (never BatchNorm parameters or biases).
   c.weight_decay = 0.05
