@@ -202,17 +202,3 @@ def test_hidden_units_head():
   assert sorted(params) == ["hidden_0", "hidden_1", "logits"]
   assert params["hidden_0"]["kernel"].shape == (256, 32)
   assert params["logits"]["kernel"].shape == (16, 10)
-
-
-def test_zero_init_residual():
-  model = models.create_model("resnet_tiny", zero_init_residual=True)
-  x = jnp.zeros((1, 32, 32, 3))
-  params = jax.jit(model.init, static_argnames="train")(
-      jax.random.key(0), x, train=False)["params"]["backbone"]
-  last = [name for name in params if name.endswith("_3_bn")]
-  assert len(last) == 4
-  for name, module in params.items():
-    if name.endswith("_3_bn"):
-      np.testing.assert_array_equal(module["scale"], 0.0)
-    elif name.endswith("_bn"):
-      np.testing.assert_array_equal(module["scale"], 1.0)
