@@ -20,7 +20,7 @@ from absl import flags
 import numpy as np
 
 from mnist_resnet import cli
-from mnist_resnet import data
+from mnist_resnet import mnist
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Directory with the four MNIST idx files (.gz or not).")
@@ -31,10 +31,10 @@ flags.mark_flag_as_required("data_dir")
 
 def inspect(data_dir: str, *, download: bool = False) -> dict[str, Any]:
   """The report printed by this tool, as a dict (raises DataError)."""
-  paths = data.locate_files(data_dir, download=download,
-                            download_hint="pass --download")
+  paths = mnist.locate_files(data_dir, download=download,
+                             download_hint="pass --download")
   # Checksums are reported in the output; no warnings on stderr for them.
-  splits = data.load_mnist(data_dir, download=False, check_md5=False)
+  splits = mnist.load_mnist(data_dir, download=False, check_md5=False)
   report: dict[str, Any] = {"data_dir": str(pathlib.Path(data_dir)),
                             "splits": {}, "files": {}}
   for name, split in splits.items():
@@ -42,11 +42,11 @@ def inspect(data_dir: str, *, download: bool = False) -> dict[str, Any]:
         "examples": int(len(split.labels)),
         "image_shape": list(split.images.shape[1:]),
         "label_histogram": [int(c) for c in np.bincount(
-            split.labels, minlength=data.NUM_CLASSES)],
+            split.labels, minlength=mnist.NUM_CLASSES)],
         "pixel_mean": round(float(split.images.mean(dtype=np.float64)),
                             4),
     }
-  for name, (md5, official) in data.checksum_details(paths).items():
+  for name, (md5, official) in mnist.checksum_details(paths).items():
     report["files"][name] = {"path": str(paths[name]), "md5": md5,
                              "matches_official": official}
   return report

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from mnist_resnet import data
+from mnist_resnet import mnist
 from mnist_resnet import idx
 from mnist_resnet.errors import DataError
 
@@ -32,10 +32,10 @@ def fixtures(tmp_path) -> pathlib.Path:
   root.mkdir(parents=True)
   rng = np.random.default_rng(0)
   arrays = {
-      data.TRAIN_IMAGES: rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
-      data.TRAIN_LABELS: (np.arange(30) % 10).astype(np.uint8),
-      data.TEST_IMAGES: rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
-      data.TEST_LABELS: np.arange(10, dtype=np.uint8),
+      mnist.TRAIN_IMAGES: rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+      mnist.TRAIN_LABELS: (np.arange(30) % 10).astype(np.uint8),
+      mnist.TEST_IMAGES: rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+      mnist.TEST_LABELS: np.arange(10, dtype=np.uint8),
   }
   for name, array in arrays.items():
     idx.write_idx(root / (name + ".gz"), array)
@@ -46,10 +46,10 @@ def fixtures(tmp_path) -> pathlib.Path:
 def official_md5(fixtures, monkeypatch) -> dict[str, str]:
   """Makes the fixtures "official" for the duration of a test."""
   table = {name: hashlib.md5((fixtures / (name + ".gz")).read_bytes())
-           .hexdigest() for name in data.FILES}
+           .hexdigest() for name in mnist.FILES}
   for name, md5 in table.items():
-    monkeypatch.setitem(data.GZ_MD5, name, md5)
-    monkeypatch.delitem(data.RAW_MD5, name)
+    monkeypatch.setitem(mnist.GZ_MD5, name, md5)
+    monkeypatch.delitem(mnist.RAW_MD5, name)
   return table
 
 
@@ -81,19 +81,19 @@ def _listing(directory: pathlib.Path) -> list[str]:
 
 def test_good_download(tmp_path, fixtures, official_md5, server):
   target = tmp_path / "new" / "mnist"  # Created on demand.
-  paths = data.locate_files(target, download=True,
-                            mirrors=[server + "/mnist/"])
-  assert _listing(target) == sorted(n + ".gz" for n in data.FILES)
+  paths = mnist.locate_files(target, download=True,
+                             mirrors=[server + "/mnist/"])
+  assert _listing(target) == sorted(n + ".gz" for n in mnist.FILES)
   for name, path in paths.items():
     assert path == target / (name + ".gz")
     assert path.read_bytes() == (fixtures / path.name).read_bytes()
-  assert set(data.checksum_report(paths).values()) == {True}
+  assert {ok for _, ok in mnist.checksum_details(paths).values()} == {True}
 
 
 def test_load_mnist_downloads_from_module_mirrors(tmp_path, official_md5,
                                                   server, monkeypatch):
-  monkeypatch.setattr(data, "MIRRORS", (server + "/mnist",))  # No slash.
-  splits = data.load_mnist(tmp_path / "d", download=True)
+  monkeypatch.setattr(mnist, "MIRRORS", (server + "/mnist",))  # No slash.
+  splits = mnist.load_mnist(tmp_path / "d", download=True)
   assert splits["train"].images.shape == (30, 28, 28)
   assert splits["test"].labels.tolist() == list(range(10))
 
@@ -102,42 +102,42 @@ def test_only_missing_files_are_fetched(tmp_path, fixtures, official_md5,
                                         server):
   target = tmp_path / "partial"
   target.mkdir()
-  local = idx.read_idx(fixtures / (data.TEST_LABELS + ".gz"))
-  idx.write_idx(target / data.TEST_LABELS, local)  # Uncompressed, kept.
-  paths = data.locate_files(target, download=True,
-                            mirrors=[server + "/mnist/"])
-  assert paths[data.TEST_LABELS] == target / data.TEST_LABELS
-  assert not (target / (data.TEST_LABELS + ".gz")).exists()
+  local = idx.read_idx(fixtures / (mnist.TEST_LABELS + ".gz"))
+  idx.write_idx(target / mnist.TEST_LABELS, local)  # Uncompressed, kept.
+  paths = mnist.locate_files(target, download=True,
+                             mirrors=[server + "/mnist/"])
+  assert paths[mnist.TEST_LABELS] == target / mnist.TEST_LABELS
+  assert not (target / (mnist.TEST_LABELS + ".gz")).exists()
   assert len(_listing(target)) == 4
 
 
 def test_wrong_checksum_rejected_and_nothing_left(tmp_path, official_md5,
                                                   server, monkeypatch):
-  monkeypatch.setitem(data.GZ_MD5, data.TRAIN_LABELS, "0" * 32)
+  monkeypatch.setitem(mnist.GZ_MD5, mnist.TRAIN_LABELS, "0" * 32)
   target = tmp_path / "bad"
   url = server + "/mnist/"
   with pytest.raises(DataError) as info:
-    data.locate_files(target, download=True, mirrors=[url])
+    mnist.locate_files(target, download=True, mirrors=[url])
   message = str(info.value)
   assert "\n" not in message
   assert message.startswith(
-      f"could not download {data.TRAIN_LABELS}.gz into {target}: ")
-  assert f"{url}{data.TRAIN_LABELS}.gz: md5 " in message
+      f"could not download {mnist.TRAIN_LABELS}.gz into {target}: ")
+  assert f"{url}{mnist.TRAIN_LABELS}.gz: md5 " in message
   assert f"is not the official {'0' * 32}" in message
   # Files before it in FILES were fetched; the rejected one and its
   # temporary file are gone; nothing after it was attempted.
-  assert _listing(target) == [data.TRAIN_IMAGES + ".gz"]
+  assert _listing(target) == [mnist.TRAIN_IMAGES + ".gz"]
 
 
 def test_unreachable_first_mirror_then_next(tmp_path, official_md5, server):
   dead = f"http://127.0.0.1:{_closed_port()}/mnist/"
   missing = server + "/nothing-here/"  # HTTP 404.
   target = tmp_path / "fallback"
-  paths = data.locate_files(target, download=True,
-                            mirrors=[dead, missing, server + "/mnist/"],
-                            timeout=5)
+  paths = mnist.locate_files(target, download=True,
+                             mirrors=[dead, missing, server + "/mnist/"],
+                             timeout=5)
   assert len(paths) == 4
-  assert _listing(target) == sorted(n + ".gz" for n in data.FILES)
+  assert _listing(target) == sorted(n + ".gz" for n in mnist.FILES)
 
 
 def test_all_mirrors_fail_names_each(tmp_path, official_md5, server):
@@ -145,13 +145,13 @@ def test_all_mirrors_fail_names_each(tmp_path, official_md5, server):
   missing = server + "/nothing-here/"
   target = tmp_path / "fail"
   with pytest.raises(DataError) as info:
-    data.locate_files(target, download=True, mirrors=[dead, missing],
-                      timeout=5)
+    mnist.locate_files(target, download=True, mirrors=[dead, missing],
+                       timeout=5)
   message = str(info.value)
   assert "\n" not in message
-  assert f"{dead}{data.TRAIN_IMAGES}.gz: " in message
+  assert f"{dead}{mnist.TRAIN_IMAGES}.gz: " in message
   assert "refused" in message.lower()
-  assert f"{missing}{data.TRAIN_IMAGES}.gz: HTTP 404" in message
+  assert f"{missing}{mnist.TRAIN_IMAGES}.gz: HTTP 404" in message
   assert _listing(target) == []
 
 
@@ -159,7 +159,7 @@ def test_unwritable_directory_is_a_data_error(tmp_path, official_md5, server,
                                               monkeypatch):
   def refuse(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
-  monkeypatch.setattr(data.tempfile, "mkstemp", refuse)
+  monkeypatch.setattr(mnist.tempfile, "mkstemp", refuse)
   with pytest.raises(DataError, match="cannot write a download there: "
                      "Permission denied"):
-    data.locate_files(tmp_path, download=True, mirrors=[server + "/mnist/"])
+    mnist.locate_files(tmp_path, download=True, mirrors=[server + "/mnist/"])

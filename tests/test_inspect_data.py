@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from mnist_resnet import data
+from mnist_resnet import mnist
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,25 +31,25 @@ def test_real_mnist_report(mnist_dir):
   assert len(train["label_histogram"]) == len(test["label_histogram"]) == 10
   assert 30 < train["pixel_mean"] < 37 and 30 < test["pixel_mean"] < 37
   files = report["files"]
-  assert set(files) == set(data.FILES)
+  assert set(files) == set(mnist.FILES)
   for name, entry in files.items():
     assert pathlib.Path(entry["path"]).name.startswith(name)
     assert len(entry["md5"]) == 32
     # The training images here are a faithful rebuild, not the official file.
-    assert entry["matches_official"] is (name != data.TRAIN_IMAGES)
+    assert entry["matches_official"] is (name != mnist.TRAIN_IMAGES)
 
 
 def test_broken_dir_one_line_exit_2(mnist_dir, tmp_path):
-  for name in data.FILES:
+  for name in mnist.FILES:
     source = mnist_dir / (name + ".gz")
     if not source.exists():
       source = mnist_dir / name
     shutil.copy(source, tmp_path / source.name)
-  broken = tmp_path / (data.TEST_IMAGES + ".gz")
+  broken = tmp_path / (mnist.TEST_IMAGES + ".gz")
   if broken.exists():
     broken.write_bytes(broken.read_bytes()[:100_000])
   else:
-    broken = tmp_path / data.TEST_IMAGES
+    broken = tmp_path / mnist.TEST_IMAGES
     broken.write_bytes(broken.read_bytes()[:100_000])
   result = _run(f"--data_dir={tmp_path}")
   assert result.returncode == 2
