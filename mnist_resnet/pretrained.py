@@ -1,41 +1,27 @@
-"""Keras ResNet weight files -> the Flax backbone of `models.ResNet`.
+"""Pretrained weights in and out of `models.ResNet`'s variables.
 
-Reads HDF5 with h5py (no Keras needed) in every layout a user meets:
-
-- 'legacy': Keras 2 `save_weights` files, including Keras's own ImageNet
-  downloads: attribute `layer_names` at the root, one group per layer with
-  attribute `weight_names` such as `conv1_conv/kernel:0`;
-- 'model_weights': the same under `model_weights/` (files from
-  `model.save("x.h5")`; Keras 3 writes names without `:0`);
-- 'keras3': Keras 3 `save_weights("x.weights.h5")`: groups
-  `layers/<path>/vars/0, 1, ...` where <path> is made from the layer's class
-  (`conv2d_12`, `batch_normalization_3`) and the layer's own name is the
-  `name` attribute of the `vars` group (files written before Keras stored that
-  attribute are matched by class and order instead); nested models add
-  `layers/<model>/layers/...`;
-- 'keras_zip': a Keras 3 `.keras` archive, whose `model.weights.h5` has the
-  'keras3' layout.
-
-The Flax backbone's module names are Keras's layer names, so matching is by
-name; every Keras weight is used exactly once, every backbone leaf is filled,
-and every shape is checked. Anything else is a `WeightsError` naming the file
-and the layer.
+Keras weight files (any layout `keras_h5` reads) fill the backbone by name:
+the Flax backbone's module names are Keras's layer names, every Keras weight
+is used exactly once, every backbone leaf is filled and every shape is
+checked. `python -m mnist_resnet.convert` stores the result as an orbax
+directory (`save_variables`), which `load_backbone` takes as well. Anything
+wrong is a one-line `WeightsError` naming the file and the layer.
 """
 
-import io
 import os
-import re
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import h5py
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_resnet import keras_h5, tf_host
 from mnist_resnet.errors import ConfigError, WeightsError
-from mnist_resnet.models import MODELS
 
+# Our model name -> its builder in `keras.applications`.
+KERAS_APPLICATIONS = {"resnet50": "ResNet50", "resnet101": "ResNet101",
+                      "resnet152": "ResNet152"}
 _IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/"
                  "keras-applications/resnet/")
 # keras/src/applications/resnet.py WEIGHTS_HASHES, the "notop" entries.
@@ -46,191 +32,11 @@ _IMAGENET_NOTOP_MD5 = {
 }
 # Models Keras publishes ImageNet weights for.
 IMAGENET_MODELS = tuple(_IMAGENET_NOTOP_MD5)
-_DISPLAY_NAME = {"resnet50": "ResNet50", "resnet101": "ResNet101",
-                 "resnet152": "ResNet152"}
-
-# Layer name -> its weight arrays, as (name or None, array) in file order.
-LayerWeights = dict[str, list[tuple[str | None, np.ndarray]]]
 
 
 def _shape(shape: tuple[int, ...]) -> str:
   return "(" + ",".join(str(d) for d in shape) + ("," if len(shape) == 1
                                                   else "") + ")"
-
-
-def _text(value: Any) -> str:
-  return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-
-def _array(dataset: h5py.Dataset) -> np.ndarray:
-  value = np.asarray(dataset[()])
-  if dataset.attrs.get("dtype") in ("bfloat16", b"bfloat16"):
-    # Keras 3 stores bfloat16 variables as raw 2-byte values plus this tag.
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
-    value = value.view(ml_dtypes.bfloat16)
-  return value
-
-
-def _attr_list(group: h5py.Group, name: str) -> list[str]:
-  """A list attribute, also when Keras split it into `name0`, `name1`, ...
-
-  (HDF5 caps an object's header at 64 KiB, so Keras chunks long name lists.)
-  """
-  if name in group.attrs:
-    return [_text(v) for v in group.attrs[name]]
-  values, i = [], 0
-  while f"{name}{i}" in group.attrs:
-    values += [_text(v) for v in group.attrs[f"{name}{i}"]]
-    i += 1
-  return values
-
-
-def _has_attr_list(group: h5py.Group, name: str) -> bool:
-  return name in group.attrs or f"{name}0" in group.attrs
-
-
-def _read_legacy(group: h5py.Group, where: str) -> LayerWeights:
-  """`layer_names` / `weight_names` layout (Keras 2 and Keras 3 `.h5`)."""
-  layers: LayerWeights = {}
-  for layer_name in _attr_list(group, "layer_names"):
-    if layer_name not in group:
-      raise WeightsError(f"{where}: layer {layer_name} is listed in "
-                         "layer_names but has no group")
-    layer_group = group[layer_name]
-    for weight_name in _attr_list(layer_group, "weight_names"):
-      # 'conv1_conv/kernel:0' or 'conv1_conv/kernel'; in a nested model the
-      # group is the inner model's and the weight's layer is in its name.
-      parts = weight_name.split("/")
-      name = parts[-2] if len(parts) > 1 else layer_name
-      short = re.sub(r"(_\d+)?(:\d+)?$", "", parts[-1])
-      if weight_name not in layer_group:
-        raise WeightsError(f"{where}: layer {name} lists weight "
-                           f"{weight_name} but the file has no such dataset")
-      layers.setdefault(name, []).append((short, _array(layer_group[
-          weight_name])))
-  return layers
-
-
-def _vars_groups(group: h5py.Group, path: str) -> Iterator[tuple[str,
-                                                                 h5py.Group]]:
-  """Every `vars` group holding datasets, with its path, depth first."""
-  for key in group:
-    child = group[key]
-    if not isinstance(child, h5py.Group):
-      continue
-    child_path = f"{path}/{key}" if path else key
-    if key == "vars" and len(child):
-      yield child_path, child
-    else:
-      yield from _vars_groups(child, child_path)
-
-
-def _numbered(group: h5py.Group) -> list[np.ndarray]:
-  return [_array(group[k]) for k in sorted(group, key=int)]
-
-
-def _read_keras3(h5: h5py.File, where: str) -> LayerWeights:
-  """`layers/<path>/vars/<i>` layout of Keras 3 `.weights.h5`.
-
-  Only `layers/` is read: a `.keras` file of a compiled model also holds the
-  optimizer's variables, which are no layer's weights.
-  """
-  found = list(_vars_groups(h5["layers"], "layers"))
-  if found and all("name" in g.attrs for _, g in found):
-    layers: LayerWeights = {}
-    for path, group in found:
-      name = _text(group.attrs["name"])
-      if name in layers:
-        raise WeightsError(f"{where}: layer {name} appears twice "
-                           f"(second at {path})")
-      layers[name] = [(None, a) for a in _numbered(group)]
-    return layers
-  return _read_keras3_by_order(found, where)
-
-
-def _keras_order(stage_sizes: tuple[int, ...]) -> list[str]:
-  """ResNet v1 conv (or BN) layer stems in Keras's `model.layers` order."""
-  order = ["conv1"]
-  for stage, blocks in enumerate(stage_sizes):
-    for block in range(blocks):
-      name = f"conv{stage + 2}_block{block + 1}"
-      # Keras lists the projection after the branch's 3x3 conv.
-      suffixes = ("1", "2", "0", "3") if block == 0 else ("1", "2", "3")
-      order += [f"{name}_{s}" for s in suffixes]
-  return order
-
-
-def _read_keras3_by_order(found: list[tuple[str, h5py.Group]],
-                          where: str) -> LayerWeights:
-  """Files without layer names: Keras numbers layers per class in order."""
-  by_class: dict[str, dict[int, h5py.Group]] = {"conv2d": {},
-                                                "batch_normalization": {}}
-  parents = set()
-  for path, group in found:
-    parts = path.split("/")
-    match = re.fullmatch(r"(conv2d|batch_normalization)(?:_(\d+))?", parts[-2])
-    if not match:
-      raise WeightsError(f"{where}: layer at {path} is neither a Conv2D nor "
-                         "a BatchNormalization (and the file names no layers)")
-    parents.add("/".join(parts[:-2]))
-    by_class[match[1]][int(match[2] or 0)] = group
-  if len(parents) > 1:
-    raise WeightsError(f"{where}: the file names no layers and holds several "
-                       f"models ({', '.join(sorted(parents))})")
-  convs = by_class["conv2d"]
-  blocks = (len(convs) - 1 - 4) // 3  # stem; one projection per stage
-  stage_sizes = _stage_sizes_for(blocks)
-  order = _keras_order(stage_sizes) if stage_sizes else []
-  layers: LayerWeights = {}
-  for suffix, cls in (("conv", "conv2d"), ("bn", "batch_normalization")):
-    groups = by_class[cls]
-    if sorted(groups) != list(range(len(order))):
-      raise WeightsError(f"{where}: the file names no layers and its "
-                         f"{len(groups)} {cls} layers do not form a known "
-                         "ResNet")
-    for i, stem in enumerate(order):
-      layers[f"{stem}_{suffix}"] = [(None, a) for a in _numbered(groups[i])]
-  return layers
-
-
-def _stage_sizes_for(blocks: int) -> tuple[int, ...] | None:
-  for stage_sizes in MODELS.values():
-    if sum(stage_sizes) == blocks:
-      return stage_sizes
-  return None
-
-
-def read_keras_weights(path: str) -> tuple[LayerWeights, str]:
-  """All weights of a Keras file, by layer name, and the file's layout."""
-  where = str(path)
-  if not os.path.exists(path):
-    raise WeightsError(f"{where}: no such file")
-  try:
-    if zipfile.is_zipfile(path):
-      with zipfile.ZipFile(path) as archive:
-        if "model.weights.h5" not in archive.namelist():
-          raise WeightsError(f"{where}: zip archive without model.weights.h5 "
-                             "(not a .keras file)")
-        data = io.BytesIO(archive.read("model.weights.h5"))
-      with h5py.File(data, "r") as h5:
-        return _read_keras3(h5, where), "keras_zip"
-    with h5py.File(path, "r") as h5:
-      if _has_attr_list(h5, "layer_names"):
-        return _read_legacy(h5, where), "legacy"
-      if "model_weights" in h5 and _has_attr_list(h5["model_weights"],
-                                                  "layer_names"):
-        return _read_legacy(h5["model_weights"], where), "model_weights"
-      if "layers" in h5 and isinstance(h5["layers"], h5py.Group):
-        return _read_keras3(h5, where), "keras3"
-      raise WeightsError(f"{where}: HDF5 file without Keras weights (no "
-                         "layer_names attribute, model_weights or layers "
-                         "group)")
-  except WeightsError:
-    raise
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-    reason = " ".join(str(e).split()) or type(e).__name__
-    raise WeightsError(f"{where}: not a readable Keras weight file "
-                       f"({reason})") from None
 
 
 def _expected(module: Mapping[str, Any], stats: Mapping[str, Any] | None
@@ -258,7 +64,7 @@ def load_keras_weights(path: str, variables: Mapping[str, Any]
   (`jax.eval_shape` output): only their shapes and dtypes are used.
   """
   where = str(path)
-  layers, _ = read_keras_weights(path)
+  layers, _ = keras_h5.read_keras_weights(path)
   params = variables["params"]["backbone"]
   stats = variables.get("batch_stats", {}).get("backbone", {})
   new_params: dict[str, dict[str, Any]] = {}
@@ -318,28 +124,110 @@ def imagenet_weights_path(model_name: str = "resnet50") -> str:
                       f"models with them: {', '.join(_IMAGENET_NOTOP_MD5)}")
   file_name = f"{model_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
   try:
-    keras = import_keras()
+    keras = tf_host.import_keras()
     return keras.utils.get_file(file_name, _IMAGENET_URL + file_name,
                                 cache_subdir="models",
                                 file_hash=_IMAGENET_NOTOP_MD5[model_name])
   except Exception as e:  # pylint: disable=broad-except
     reason = " ".join(str(e).split())[:200] or type(e).__name__
     raise WeightsError(
-        f"could not download Keras's ImageNet {_DISPLAY_NAME[model_name]} "
-        f"weights ({reason}): pass a local file with "
-        "--config.pretrained_weights=PATH (the file Keras caches as "
+        f"could not download Keras's ImageNet "
+        f"{KERAS_APPLICATIONS[model_name]} weights ({reason}): pass a local "
+        "file with --config.pretrained_weights=PATH (the file Keras caches as "
         f"~/.keras/models/{file_name})") from None
 
 
-def import_keras() -> Any:
-  """Imports Keras with TensorFlow kept off the GPUs (they belong to JAX)."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def resolve_weights(pretrained_weights: str, model_name: str) -> str:
+  """Local path of the pretrained weights: `pretrained_weights` (a Keras file
+  or a converted directory), or else Keras's ImageNet file for `model_name`
+  from its cache, downloaded on first use."""
+  if not pretrained_weights:
+    return imagenet_weights_path(model_name)
+  path = os.path.expanduser(pretrained_weights)
+  if not os.path.exists(path):
+    raise WeightsError(f"config.pretrained_weights={pretrained_weights!r}: "
+                       "no such file or directory")
+  return path
+
+
+def require_new_directory(out_dir: str) -> str:
+  """Absolute `out_dir`, which must not exist or be an empty directory: a
+  conversion never overwrites anything."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir)
+                                  or os.listdir(out_dir)):
+    raise ConfigError(f"--out {out_dir} already exists and is not empty; "
+                      "refusing to overwrite it")
+  return out_dir
+
+
+def save_variables(variables: Mapping[str, Any], out_dir: str) -> None:
+  """Writes {'params', 'batch_stats'} as an orbax checkpoint at `out_dir`.
+
+  Orbax writes into a temporary directory and renames it when complete, so
+  an interrupted run leaves no half-written checkpoint. An existing empty
+  directory is replaced; a non-empty one is refused (ConfigError).
+  """
+  out_dir = require_new_directory(out_dir)
+  if os.path.exists(out_dir):
+    os.rmdir(out_dir)  # Orbax's final rename needs the name free.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass  # another Keras backend
-  except RuntimeError:
-    pass  # TF already initialised its devices; nothing left to change
-  import keras  # pylint: disable=g-import-not-at-top
-  return keras
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(out_dir, dict(variables))
+      checkpointer.wait_until_finished()
+  except OSError as e:
+    raise ConfigError(f"--out {out_dir}: cannot write the checkpoint "
+                      f"({' '.join(str(e).split())[:200]})") from None
+
+
+def restore_variables(out_dir: str, target: Any = None) -> dict[str, Any]:
+  """Reads a checkpoint written by `save_variables`.
+
+  Without `target`, leaves come back as host numpy arrays, whatever devices
+  wrote the checkpoint, so the caller can place them on its own mesh; with a
+  `target` tree (arrays or `jax.ShapeDtypeStruct`s with shardings), orbax
+  restores straight into that placement.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if not os.path.isdir(out_dir):
+    raise WeightsError(f"{out_dir}: no converted checkpoint there")
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      if target is None:
+        metadata = checkpointer.metadata(out_dir).item_metadata
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype),
+                              getattr(metadata, "tree", metadata))
+      return checkpointer.restore(out_dir, target)
+  except (FileNotFoundError, ValueError) as e:
+    reason = " ".join(str(e).split())[:200]
+    raise WeightsError(f"{out_dir}: not a readable checkpoint "
+                       f"({reason})") from None
+
+
+def load_backbone(source: str, variables: Mapping[str, Any],
+                  model_name: str) -> dict:
+  """Host copy of {'params', 'batch_stats'} `variables` with the backbone
+  from `source`: a Keras weight file or a directory written by
+  `python -m mnist_resnet.convert`. `model_name` only names the model in
+  errors."""
+  host = jax.device_get(variables)
+  if not os.path.isdir(source):
+    return load_keras_weights(source, host)
+  loaded = restore_variables(source)
+  merged = {}
+  for col in ("params", "batch_stats"):
+    want = host[col]["backbone"]
+    have = loaded.get(col, {}).get("backbone")
+    if have is None or jax.tree.structure(have) != jax.tree.structure(want):
+      raise WeightsError(f"{source}: converted weights do not fit "
+                         f"{model_name} ({col}/backbone differs)")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(have),
+                            jax.tree.leaves(want)):
+      if np.shape(a) != np.shape(b):
+        raise WeightsError(
+            f"{source}: {col}/backbone{jax.tree_util.keystr(path)} has "
+            f"shape {np.shape(a)}, {model_name} expects {np.shape(b)}")
+    merged[col] = {**host[col], "backbone": have}
+  return merged

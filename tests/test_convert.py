@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_resnet import convert, models, pretrained
-from mnist_resnet.errors import ConfigError
+from mnist_resnet import convert, keras_parity, models, pretrained, tf_host
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +32,7 @@ def write_legacy_h5(path, model) -> None:
 
 @pytest.fixture(scope="module")
 def keras_files(tmp_path_factory):
-  keras = pretrained.import_keras()
+  keras = tf_host.import_keras()
   keras.utils.set_random_seed(1)
   model = keras.applications.ResNet50(weights=None, include_top=False,
                                       pooling="avg", input_shape=(32, 32, 3))
@@ -77,7 +76,7 @@ def test_convert_and_verify(layout, keras_files, tmp_path, capsys):
       ("random", 32), ("random", 224), ("mnist", 32)}
 
   # The checkpoint is the backbone, exactly what the loader produces.
-  restored = convert.restore_variables(out)
+  restored = pretrained.restore_variables(out)
   model = models.create_model("resnet50")
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
@@ -85,6 +84,25 @@ def test_convert_and_verify(layout, keras_files, tmp_path, capsys):
   direct = {k: {"backbone": v["backbone"]} for k, v in direct.items()}
   assert jax.tree.structure(restored) == jax.tree.structure(direct)
   jax.tree.map(np.testing.assert_array_equal, restored, direct)
+
+
+def test_verify_fails_on_one_wrong_statistic(keras_files, tmp_path, capsys,
+                                             monkeypatch):
+  """1% off one BN variance deep inside the checkpoint: exit code 1."""
+  save = pretrained.save_variables
+
+  def save_perturbed(variables, out_dir):
+    stats = variables["batch_stats"]["backbone"]["conv4_block3_2_bn"]
+    stats["var"] = stats["var"] * 1.01
+    save(variables, out_dir)
+
+  monkeypatch.setattr(pretrained, "save_variables", save_perturbed)
+  code, stdout, _ = run_main(
+      capsys, f"--keras_weights={keras_files['legacy']}",
+      f"--out={tmp_path / 'converted'}", "--verify")
+  report = json.loads(stdout[-1])
+  assert code == 1, report
+  assert report["max_rel_diff"] > 10 * keras_parity.VERIFY_TOLERANCE
 
 
 def test_existing_out_is_refused_in_one_line(tmp_path):
@@ -111,26 +129,17 @@ def test_bad_weight_file_is_one_line(tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
+def test_unknown_model_is_refused_before_any_work(tmp_path, capsys):
+  code, stdout, stderr = run_main(capsys, "--keras_weights=imagenet",
+                                  f"--out={tmp_path / 'out'}",
+                                  "--model=resnet18")
+  assert code == 2 and stdout == [] and stderr == [
+      f"error: unknown model 'resnet18'; known: {', '.join(models.MODELS)}"]
+  assert not (tmp_path / "out").exists()
+
+
 def test_verify_needs_a_keras_model(tmp_path, capsys):
   code, _, stderr = run_main(capsys, "--keras_weights=x.h5",
                              f"--out={tmp_path / 'out'}", "--model=resnet_tiny",
                              "--verify")
   assert code == 2 and len(stderr) == 1 and "resnet_tiny" in stderr[0]
-
-
-def test_save_restore_round_trip_into_empty_dir(tmp_path):
-  variables = {"params": {"backbone": {"conv1_conv": {
-      "kernel": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
-      "bias": np.ones(3, np.float32)}}},
-               "batch_stats": {"backbone": {}}}
-  variables["batch_stats"]["backbone"]["conv1_bn"] = {
-      "mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)}
-  out = tmp_path / "empty"
-  out.mkdir()
-  convert.save_variables(variables, out)
-  restored = convert.restore_variables(out)
-  jax.tree.map(np.testing.assert_array_equal, restored, variables)
-  assert isinstance(restored["params"]["backbone"]["conv1_conv"]["kernel"],
-                    np.ndarray)
-  with pytest.raises(ConfigError, match="already exists"):
-    convert.save_variables(variables, out)

@@ -1,4 +1,5 @@
-"""Keras weight files -> Flax: every layout, numerically equal to Keras.
+"""Pretrained weights -> Flax: every layout numerically equal to Keras,
+name matching, converted directories, where the weights come from.
 
 One randomly initialised Keras ResNet50 (random kernels, biases, gamma, beta,
 moving mean and moving variance) is written in each layout; the Flax model
@@ -15,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_resnet import models, preprocess, pretrained
+from mnist_resnet import keras_h5, models, preprocess, pretrained, tf_host
 from mnist_resnet.errors import ConfigError, WeightsError
+from test_keras_h5 import tiny_abstract, tiny_keras_layers, write_keras3_h5
+from test_keras_h5 import write_legacy_h5
 
 LAYOUTS = ("legacy", "model_weights", "keras3", "keras3_unnamed", "keras_zip")
 
@@ -40,27 +43,6 @@ def keras_layer_weights(model) -> dict[str, list[tuple[str, np.ndarray]]]:
                        for w in layer.weights] for layer in model.layers}
 
 
-def write_legacy_h5(path, layers, *, under: str | None = None) -> None:
-  """Writes `layers` like Keras 2's `save_weights_to_hdf5_group`.
-
-  `layers` maps a layer name to its (weight name, array) pairs; `under`
-  puts everything in a subgroup, as `model.save("x.h5")` does.
-  """
-  with h5py.File(path, "w") as f:
-    root = f.create_group(under) if under else f
-    root.attrs["layer_names"] = [n.encode("utf8") for n in layers]
-    root.attrs["backend"] = b"tensorflow"
-    root.attrs["keras_version"] = b"2.13.1"
-    for name in sorted(layers):
-      group = root.create_group(name)
-      names = [w.encode("utf8") for w, _ in layers[name]]
-      group.attrs["weight_names"] = names
-      for weight_name, value in zip(names, (v for _, v in layers[name])):
-        dataset = group.create_dataset(weight_name.decode(), value.shape,
-                                       dtype=value.dtype)
-        dataset[...] = value
-
-
 def strip_layer_names(path) -> None:
   """Makes a Keras 3 .weights.h5 look like one from before layer names."""
   with h5py.File(path, "a") as f:
@@ -73,7 +55,7 @@ def strip_layer_names(path) -> None:
 
 @pytest.fixture(scope="module")
 def keras_model():
-  keras = pretrained.import_keras()
+  keras = tf_host.import_keras()
   keras.utils.set_random_seed(0)
   model = keras.applications.ResNet50(
       weights=None, include_top=False, pooling="avg",
@@ -132,7 +114,7 @@ def caffe_batch(keras, batch: int, size: int, seed: int) -> np.ndarray:
 def test_legacy_reader_and_keras_agree_on_the_weights(keras_model,
                                                       weight_files):
   """Our legacy file is one Keras itself loads, by name, back to the same."""
-  keras = pretrained.import_keras()
+  keras = tf_host.import_keras()
   clone = keras.applications.ResNet50(
       weights=None, include_top=False, pooling="avg",
       input_shape=(None, None, 3))
@@ -145,7 +127,7 @@ def test_legacy_reader_and_keras_agree_on_the_weights(keras_model,
 def test_every_layout_loads_keras_weights_exactly(layout, keras_model,
                                                   weight_files):
   abstract, _, _ = flax_resnet50()
-  layers, found_layout = pretrained.read_keras_weights(weight_files[layout])
+  _, found_layout = keras_h5.read_keras_weights(weight_files[layout])
   assert found_layout == layout.replace("_unnamed", "")
   loaded = pretrained.load_keras_weights(weight_files[layout], abstract)
   assert loaded["params"]["head"] is abstract["params"]["head"]
@@ -165,7 +147,7 @@ def test_every_layout_loads_keras_weights_exactly(layout, keras_model,
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_features_equal_keras_in_inference(layout, keras_model, weight_files):
-  keras = pretrained.import_keras()
+  keras = tf_host.import_keras()
   abstract, features, _ = flax_resnet50()
   variables = backbone(pretrained.load_keras_weights(weight_files[layout],
                                                      abstract))
@@ -184,7 +166,7 @@ def test_features_equal_keras_in_inference(layout, keras_model, weight_files):
 
 def test_comparison_detects_one_wrong_statistic(keras_model, weight_files):
   """The 1e-5 check is sharp: 1% off one BN variance deep inside fails it."""
-  keras = pretrained.import_keras()
+  keras = tf_host.import_keras()
   abstract, features, _ = flax_resnet50()
   variables = backbone(pretrained.load_keras_weights(weight_files["legacy"],
                                                      abstract))
@@ -196,7 +178,7 @@ def test_comparison_detects_one_wrong_statistic(keras_model, weight_files):
 
 
 def test_training_mode_equals_keras(keras_model, weight_files):
-  keras = pretrained.import_keras()
+  keras = tf_host.import_keras()
   abstract, _, train_features = flax_resnet50()
   variables = backbone(pretrained.load_keras_weights(weight_files["legacy"],
                                                      abstract))
@@ -226,33 +208,6 @@ def test_training_mode_equals_keras(keras_model, weight_files):
 # Faulty files: written from a tiny model's Flax variables, no Keras needed.
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_abstract():
-  model = models.create_model("resnet_tiny")
-  return jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-
-
-def tiny_keras_layers(seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
-  """Keras-named weights of the right shapes for the tiny model."""
-  rng = np.random.default_rng(seed)
-  abstract = tiny_abstract()
-  params = abstract["params"]["backbone"]
-  stats = abstract["batch_stats"]["backbone"]
-  layers = {"input_layer": [], "conv1_pad": []}
-  for name, module in params.items():
-    if name.endswith("_conv"):
-      leaves = [("kernel", module["kernel"]), ("bias", module["bias"])]
-    else:
-      leaves = [("gamma", module["scale"]), ("beta", module["bias"]),
-                ("moving_mean", stats[name]["mean"]),
-                ("moving_variance", stats[name]["var"])]
-    layers[name] = [(f"{name}/{k}:0", rng.uniform(0.1, 1, v.shape).astype(
-        np.float32)) for k, v in leaves]
-  layers["avg_pool"] = []
-  return layers
-
-
 def test_tiny_legacy_round_trip(tmp_path):
   layers = tiny_keras_layers()
   path = tmp_path / "tiny.h5"
@@ -268,52 +223,6 @@ def test_tiny_legacy_round_trip(tmp_path):
   np.testing.assert_array_equal(
       again["params"]["backbone"]["conv1_bn"]["scale"],
       loaded["params"]["backbone"]["conv1_bn"]["scale"])
-
-
-def test_tiny_legacy_chunked_layer_names(tmp_path):
-  """Keras splits long name lists into `layer_names0`, `layer_names1`..."""
-  layers = tiny_keras_layers()
-  path = tmp_path / "chunked.h5"
-  write_legacy_h5(path, layers)
-  with h5py.File(path, "a") as f:
-    names = list(f.attrs["layer_names"])
-    del f.attrs["layer_names"]
-    f.attrs["layer_names0"] = names[:5]
-    f.attrs["layer_names1"] = names[5:]
-  loaded = pretrained.load_keras_weights(path, tiny_abstract())
-  np.testing.assert_array_equal(
-      loaded["params"]["backbone"]["conv5_block1_3_conv"]["kernel"],
-      layers["conv5_block1_3_conv"][0][1])
-
-
-def test_tiny_keras3_skips_optimizer_and_reads_bfloat16(tmp_path):
-  """A compiled model's `.keras` also stores optimizer variables."""
-  import ml_dtypes
-  layers = tiny_keras_layers()
-  path = tmp_path / "tiny.weights.h5"
-  with h5py.File(path, "w") as f:
-    for i, (name, weights) in enumerate(layers.items()):
-      cls = "conv2d" if name.endswith("_conv") else "batch_normalization"
-      group = f.create_group(f"layers/{cls}_{i}/vars")
-      group.attrs["name"] = name
-      for j, (_, value) in enumerate(weights):
-        if name == "conv1_conv":  # stored as Keras 3 stores bfloat16
-          group[str(j)] = value.astype(ml_dtypes.bfloat16).view("V2")
-          group[str(j)].attrs["dtype"] = "bfloat16"
-        else:
-          group[str(j)] = value
-    optimizer = f.create_group("optimizer/vars")
-    optimizer.attrs["name"] = "adam"
-    optimizer["0"] = np.zeros((), np.int64)
-    optimizer["1"] = np.zeros((7, 7), np.float32)
-  loaded = pretrained.load_keras_weights(path, tiny_abstract())
-  kernel = loaded["params"]["backbone"]["conv1_conv"]["kernel"]
-  assert kernel.dtype == jnp.float32
-  np.testing.assert_array_equal(kernel, layers["conv1_conv"][0][1].astype(
-      ml_dtypes.bfloat16).astype(np.float32))
-  np.testing.assert_array_equal(
-      loaded["batch_stats"]["backbone"]["conv4_block1_0_bn"]["mean"],
-      layers["conv4_block1_0_bn"][2][1])
 
 
 def expect_error(tmp_path, layers, pattern: str) -> str:
@@ -358,33 +267,6 @@ def test_wrong_weight_count(tmp_path):
                r"model expects 4")
 
 
-def test_keras3_unnamed_wrong_structure(tmp_path, keras_model, weight_files):
-  path = tmp_path / "bad.weights.h5"
-  shutil.copy(weight_files["keras3_unnamed"], path)
-  with h5py.File(path, "a") as f:
-    del f["layers/conv2d_7"]
-  with pytest.raises(WeightsError, match="52 conv2d layers"):
-    pretrained.read_keras_weights(path)
-
-
-@pytest.mark.parametrize("content", [b"not hdf5 at all\n", b""])
-def test_unreadable_file(tmp_path, content):
-  path = tmp_path / "weights.h5"
-  path.write_bytes(content)
-  with pytest.raises(WeightsError, match="not a readable Keras weight file"):
-    pretrained.load_keras_weights(path, tiny_abstract())
-
-
-def test_missing_file_and_foreign_hdf5(tmp_path):
-  with pytest.raises(WeightsError, match="no such file"):
-    pretrained.load_keras_weights(tmp_path / "nope.h5", tiny_abstract())
-  path = tmp_path / "other.h5"
-  with h5py.File(path, "w") as f:
-    f["x"] = np.zeros(3)
-  with pytest.raises(WeightsError, match="without Keras weights"):
-    pretrained.load_keras_weights(path, tiny_abstract())
-
-
 def test_imagenet_download_failure_is_one_line(monkeypatch):
   calls = []
 
@@ -394,7 +276,7 @@ def test_imagenet_download_failure_is_one_line(monkeypatch):
                     "Temporary failure in name resolution")
 
   fake = types.SimpleNamespace(utils=types.SimpleNamespace(get_file=get_file))
-  monkeypatch.setattr(pretrained, "import_keras", lambda: fake)
+  monkeypatch.setattr(tf_host, "import_keras", lambda: fake)
   with pytest.raises(WeightsError) as info:
     pretrained.imagenet_weights_path("resnet50")
   message = str(info.value)
@@ -423,3 +305,134 @@ def test_imagenet_hashes_are_keras_own():
 def test_no_imagenet_weights_for_tiny():
   with pytest.raises(ConfigError, match="resnet_tiny"):
     pretrained.imagenet_weights_path("resnet_tiny")
+
+
+def test_bfloat16_weights_load_as_float32(tmp_path):
+  layers = tiny_keras_layers()
+  path = tmp_path / "tiny.weights.h5"
+  write_keras3_h5(path, layers, bfloat16=("conv1_conv",))
+  loaded = pretrained.load_keras_weights(path, tiny_abstract())
+  kernel = loaded["params"]["backbone"]["conv1_conv"]["kernel"]
+  assert kernel.dtype == jnp.float32
+  np.testing.assert_array_equal(kernel, layers["conv1_conv"][0][1].astype(
+      jnp.bfloat16).astype(np.float32))
+
+
+def test_resolve_weights(tmp_path, monkeypatch):
+  path = tmp_path / "w.h5"
+  path.write_bytes(b"")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert pretrained.resolve_weights("~/w.h5", "resnet50") == str(path)
+  assert pretrained.resolve_weights(str(tmp_path), "resnet50") == str(
+      tmp_path)
+  with pytest.raises(WeightsError) as info:
+    pretrained.resolve_weights("~/nope.h5", "resnet50")
+  assert str(info.value) == ("config.pretrained_weights='~/nope.h5': no such "
+                             "file or directory")
+  # Empty: Keras's ImageNet file, through Keras's cache.
+  fake = types.SimpleNamespace(utils=types.SimpleNamespace(
+      get_file=lambda name, *args, **kwargs: f"/cache/{name}"))
+  monkeypatch.setattr(tf_host, "import_keras", lambda: fake)
+  assert pretrained.resolve_weights("", "resnet101") == (
+      "/cache/resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5")
+  with pytest.raises(ConfigError, match="resnet_tiny"):
+    pretrained.resolve_weights("", "resnet_tiny")
+
+
+def test_save_restore_round_trip_into_empty_dir(tmp_path):
+  variables = {"params": {"backbone": {"conv1_conv": {
+      "kernel": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
+      "bias": np.ones(3, np.float32)}}},
+               "batch_stats": {"backbone": {}}}
+  variables["batch_stats"]["backbone"]["conv1_bn"] = {
+      "mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)}
+  out = tmp_path / "empty"
+  out.mkdir()
+  pretrained.save_variables(variables, out)
+  restored = pretrained.restore_variables(out)
+  jax.tree.map(np.testing.assert_array_equal, restored, variables)
+  assert isinstance(restored["params"]["backbone"]["conv1_conv"]["kernel"],
+                    np.ndarray)
+  with pytest.raises(ConfigError, match="already exists and is not empty"):
+    pretrained.save_variables(variables, out)
+  with pytest.raises(WeightsError, match="no converted checkpoint there"):
+    pretrained.restore_variables(tmp_path / "nope")
+
+
+def test_require_new_directory(tmp_path):
+  assert pretrained.require_new_directory(tmp_path / "new") == str(
+      tmp_path / "new")
+  assert pretrained.require_new_directory(tmp_path) == str(tmp_path)
+  (tmp_path / "file").write_text("x")
+  for taken in (tmp_path, tmp_path / "file"):
+    with pytest.raises(ConfigError) as info:
+      pretrained.require_new_directory(taken)
+    assert str(info.value) == (f"--out {taken} already exists and is not "
+                               "empty; refusing to overwrite it")
+
+
+def tiny_variables(model=None):
+  model = model or models.create_model("resnet_tiny")
+  return model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)),
+                    train=False)
+
+
+def converted(variables, out) -> None:
+  pretrained.save_variables(backbone(variables), out)
+
+
+def test_load_backbone_from_a_keras_file_and_a_converted_directory(tmp_path):
+  layers = tiny_keras_layers()
+  path = tmp_path / "tiny.h5"
+  write_legacy_h5(path, layers)
+  fresh = tiny_variables()
+  from_file = pretrained.load_backbone(str(path), fresh, "resnet_tiny")
+  np.testing.assert_array_equal(
+      from_file["batch_stats"]["backbone"]["conv2_block1_3_bn"]["var"],
+      layers["conv2_block1_3_bn"][3][1])
+  jax.tree.map(np.testing.assert_array_equal, from_file["params"]["head"],
+               fresh["params"]["head"])
+
+  out = tmp_path / "converted"
+  converted(from_file, out)
+  other = tiny_variables(models.create_model("resnet_tiny", num_classes=3))
+  from_dir = pretrained.load_backbone(str(out), other, "resnet_tiny")
+  jax.tree.map(np.testing.assert_array_equal,
+               backbone(from_dir), backbone(from_file))
+  jax.tree.map(np.testing.assert_array_equal, from_dir["params"]["head"],
+               other["params"]["head"])
+  assert sorted(from_dir) == ["batch_stats", "params"]
+
+
+def test_converted_directory_of_another_model_is_refused(tmp_path):
+  # One more block in stage 4: another tree of modules.
+  deeper = models.ResNet(stage_sizes=(1, 1, 2, 1), widths=(8, 16, 32, 64),
+                         stem_width=16)
+  converted(tiny_variables(deeper), tmp_path / "deeper")
+  with pytest.raises(WeightsError) as info:
+    pretrained.load_backbone(str(tmp_path / "deeper"), tiny_variables(),
+                             "resnet_tiny")
+  assert str(info.value) == (f"{tmp_path / 'deeper'}: converted weights do "
+                             "not fit resnet_tiny (params/backbone differs)")
+
+
+def test_converted_directory_with_a_wrong_shape_is_refused(tmp_path):
+  variables = jax.device_get(tiny_variables())
+  stats = variables["batch_stats"]["backbone"]["conv3_block1_0_bn"]
+  stats["var"] = np.ones(7, np.float32)
+  converted(variables, tmp_path / "bad")
+  with pytest.raises(WeightsError) as info:
+    pretrained.load_backbone(str(tmp_path / "bad"), tiny_variables(),
+                             "resnet_tiny")
+  assert str(info.value) == (
+      f"{tmp_path / 'bad'}: batch_stats/backbone['conv3_block1_0_bn']['var'] "
+      "has shape (7,), resnet_tiny expects (64,)")
+
+
+def test_converted_directory_without_batch_stats_is_refused(tmp_path):
+  variables = backbone(tiny_variables())
+  del variables["batch_stats"]
+  pretrained.save_variables(variables, tmp_path / "params_only")
+  with pytest.raises(WeightsError, match=r"\(batch_stats/backbone differs\)"):
+    pretrained.load_backbone(str(tmp_path / "params_only"), tiny_variables(),
+                             "resnet_tiny")
