@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
@@ -51,9 +50,6 @@ class Checkpointer:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def best_step(self) -> int | None:
     return self._manager.best_step()
 
@@ -85,11 +81,6 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
-  def restore_meta(self, step: int) -> dict:
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"])
-
   def wait_until_finished(self) -> None:
     """Blocks until every started save is on disk; raises its errors."""
     self._manager.wait_until_finished()
@@ -99,11 +90,12 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def close(self) -> None:
+    # The manager's start-up cleanup of unfinished saves runs in a thread
+    # that close() does not wait for; a run that fails right after opening
+    # would otherwise exit under it with a traceback.
+    await_cleanup = getattr(self._manager,
+                            "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self._manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a pytree of arrays."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)

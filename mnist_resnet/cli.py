@@ -45,8 +45,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     fail(_first_line(e))
   except (AttributeError, KeyError) as e:
-    # ml_collections reports an override of an undefined key this way.
-    fail(f"unknown config key {_first_line(e)} (keys are those of "
+    # ml_collections reports an override of an undefined key this way: a
+    # KeyError("'key'\nDid you mean ...?"), possibly inside an AttributeError.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    key, _, hint = str(e.args[0] if e.args else e).partition("\n")
+    hint = f"; {hint.strip()}" if hint.strip() else ""
+    fail(f"unknown config key {key.strip(chr(39))}{hint} (keys are those of "
          "configs/default.py)")
   except Exception as e:  # pylint: disable=broad-except
     fail(f"bad config: {type(e).__name__}: {_first_line(e)}")

@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_resnet.errors import ConfigError
-
 # Keras's own initialisers for layers it creates with default arguments: the
 # head starts like a Keras Dense layer would.
 _DENSE_INIT = nn.initializers.glorot_uniform()
@@ -46,22 +44,12 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                 preferred_element_type: Any = None) -> jax.Array:
   """`lax.conv_general_dilated` for NHWC x HWIO, as one matrix product.
 
-  The kernel taps are gathered next to each other along the channel axis
-  (im2col: [B, H', W', taps * C_in]) and multiplied by the kernel reshaped to
-  [taps * C_in, C_out]. Taps that only ever see padding are left out: on a
-  1x1 map a 3x3 'SAME' convolution is its centre tap alone. Same sums as the
-  convolution, in another order (float32 rounding differs, nothing else).
-
-  Why (measured on CPU, where XLA's convolutions trail oneDNN's): where the
-  kernel is larger than the feature map (3x3 convolutions on the 2x2 and 1x1
-  maps that 32x32 inputs leave in ResNet50's last two stages), XLA swaps the
-  convolution's operands and its CPU backend then runs a slow generic
-  convolution, forward and backward: as a matrix product, ResNet50's train
-  step at 32x32 is about 4x faster. For 1x1 kernels the product saves the
-  transposes XLA adds around each convolution's weight gradient (about 1.2x
-  more). On GPU and TPU a matrix product is what these convolutions become
-  anyway. 3x3 convolutions on larger maps stay convolutions: as products
-  they are slower.
+  im2col: the kernel taps that ever see data are gathered along the channel
+  axis and multiplied by the kernel reshaped to [taps * C_in, C_out] (on a
+  1x1 map a 3x3 'SAME' convolution is its centre tap alone). Same sums as the
+  convolution, in another order. On CPU, XLA runs convolutions whose kernel is
+  larger than the map about 4x slower than this product, and 1x1 ones 1.2x
+  slower (docs/benchmarking.md, "CPU speed").
   """
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                         ("NHWC", "HWIO", "NHWC"))
@@ -213,9 +201,6 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self) -> None:
-    if len(self.stage_sizes) != len(self.widths):
-      raise ConfigError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
-                        f"{tuple(self.widths)} differ in length")
     self.backbone = _Backbone(
         stage_sizes=tuple(self.stage_sizes), widths=tuple(self.widths),
         stem_width=self.stem_width, bn_momentum=self.bn_momentum,
@@ -245,36 +230,19 @@ MODELS: dict[str, tuple[int, ...]] = {
 _NARROW: dict[str, dict[str, Any]] = {
     "resnet_tiny": {"widths": (8, 16, 32, 64), "stem_width": 16},
 }
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-           "float16": jnp.float16}
+# Compute dtypes by config name; parameters always stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _canonical_dtype(dtype: Any) -> Any:
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise ConfigError(f"unknown dtype {dtype!r}; known: "
-                        f"{', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
-  name = np.dtype(dtype).name
-  if name not in _DTYPES:
-    raise ConfigError(f"unsupported dtype {name}; known: "
-                      f"{', '.join(sorted(_DTYPES))}")
-  return _DTYPES[name]
-
-
-def create_model(name: str, *, num_classes: int = 10, dtype: Any = "float32",
+def create_model(name: str, *, num_classes: int = 10, dtype: str = "float32",
                  hidden_units: Sequence[int] = (), dropout_rate: float = 0.5,
                  bn_momentum: float = 0.99,
                  zero_init_residual: bool = False) -> ResNet:
-  """Builds a named ResNet; raises ConfigError for an unknown name or dtype."""
-  if name not in MODELS:
-    raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ConfigError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  """The ResNet `name` (a key of MODELS) computing in `dtype` (of DTYPES)."""
   return ResNet(stage_sizes=MODELS[name], num_classes=num_classes,
                 hidden_units=tuple(hidden_units), dropout_rate=dropout_rate,
                 bn_momentum=bn_momentum, zero_init_residual=zero_init_residual,
-                dtype=_canonical_dtype(dtype), **_NARROW.get(name, {}))
+                dtype=DTYPES[dtype], **_NARROW.get(name, {}))
 
 
 def count_params(variables: Mapping[str, Any]) -> dict[str, int]:

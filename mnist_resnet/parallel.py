@@ -45,12 +45,14 @@ def global_batch(local: Mapping[str, np.ndarray],
   batch is their concatenation in process order, whatever the process count.
   """
   sharding = batch_sharding(mesh)
-  out = {}
-  for name, value in local.items():
-    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-    out[name] = jax.make_array_from_process_local_data(
-        sharding, value, global_shape)
-  return out
+  return {name: jax.make_array_from_process_local_data(
+      sharding, value, global_shape(value.shape))
+          for name, value in local.items()}
+
+
+def global_shape(local_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the global batch whose per-process rows have `local_shape`."""
+  return (local_shape[0] * jax.process_count(),) + tuple(local_shape[1:])
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -9,12 +9,16 @@ float after `augment`); 0 is the black background, so zero padding and zero
 fill always look like background.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mnist_resnet.errors import ConfigError
+from mnist_resnet import mnist
 
 # Keras's "caffe" convention (what Keras's ImageNet ResNet weights expect):
 # BGR channel order, 0-255 range, ImageNet mean subtracted, no scaling.
@@ -24,10 +28,32 @@ TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
 CONVENTIONS = ("caffe", "torch")
 
-# MNIST digits are 28x28; 32x32 is the smallest input Keras's ResNet50
-# accepts and the size at which the digit keeps a 2-pixel background margin.
-_MNIST_SIZE = 28
+# 32x32 is the smallest input Keras's ResNet50 accepts and the size at which
+# a 28x28 digit keeps a 2-pixel background margin.
 _PADDED_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+  """How a run turns uint8 digits into model input, with and without
+  augmentation: the two must agree on everything but the augmentation."""
+  image_size: int
+  convention: str = "caffe"
+  dtype: Any = jnp.float32
+  max_shift: int = 0
+  max_rotation_deg: float = 0.0
+  max_scale: float = 0.0
+
+  def for_eval(self, images: jax.Array) -> jax.Array:
+    return to_model_input(images, image_size=self.image_size,
+                          convention=self.convention, dtype=self.dtype)
+
+  def for_training(self, images: jax.Array, key: jax.Array) -> jax.Array:
+    """Augmented (keyed per example), then as `for_eval`."""
+    images = augment(images, key, max_shift=self.max_shift,
+                     max_rotation_deg=self.max_rotation_deg,
+                     max_scale=self.max_scale)
+    return self.for_eval(images)
 
 
 def to_model_input(images: jax.Array, *, image_size: int,
@@ -47,17 +73,9 @@ def to_model_input(images: jax.Array, *, image_size: int,
   with the ImageNet mean and std. MNIST is grey, so only the per-channel
   constants differ between channels.
   """
-  if convention not in CONVENTIONS:
-    raise ConfigError(f"unknown input convention {convention!r}; known: "
-                      f"{', '.join(CONVENTIONS)}")
-  if not isinstance(image_size, int) or image_size < 1:
-    raise ConfigError(f"image_size must be a positive integer, got "
-                      f"{image_size!r}")
-  if images.ndim != 3:
-    raise ValueError(f"expected images of shape [B, H, W], got {images.shape}")
   x = images.astype(jnp.float32)
-  if image_size >= _PADDED_SIZE and x.shape[1:] == (_MNIST_SIZE, _MNIST_SIZE):
-    m = (_PADDED_SIZE - _MNIST_SIZE) // 2
+  if image_size >= _PADDED_SIZE and x.shape[1:] == mnist.IMAGE_SHAPE:
+    m = (_PADDED_SIZE - mnist.IMAGE_SIZE) // 2
     x = jnp.pad(x, ((0, 0), (m, m), (m, m)))
   if x.shape[1:] != (image_size, image_size):
     # Upsampling: antialiasing would change nothing.
@@ -67,9 +85,11 @@ def to_model_input(images: jax.Array, *, image_size: int,
   x = x[..., None]
   if convention == "caffe":
     x = x - jnp.asarray(CAFFE_MEAN_BGR, jnp.float32)
-  else:
+  elif convention == "torch":
     x = (x / 255.0 - jnp.asarray(TORCH_MEAN_RGB, jnp.float32)) / jnp.asarray(
         TORCH_STD_RGB, jnp.float32)
+  else:
+    raise ValueError(f"unknown input convention {convention!r}")
   return x.astype(dtype)
 
 
@@ -91,13 +111,6 @@ def augment(images: jax.Array, key: jax.Array, *, max_shift: int = 2,
   pixels per axis. Digits are not mirror-symmetric, so flips are never used.
   Labels are not an argument: no augmentation here can change the class.
   """
-  if max_shift < 0 or max_rotation_deg < 0 or max_scale < 0:
-    raise ConfigError(
-        f"augmentation ranges must be non-negative, got max_shift="
-        f"{max_shift}, max_rotation_deg={max_rotation_deg}, "
-        f"max_scale={max_scale}")
-  if max_scale >= 1:
-    raise ConfigError(f"max_scale must be below 1, got {max_scale}")
   x = images.astype(jnp.float32)
   keys = jax.random.split(key, x.shape[0])
   if max_rotation_deg == 0 and max_scale == 0:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from mnist_resnet import models
-from mnist_resnet.errors import ConfigError
 
 # Keras's keras.applications.ResNet50(include_top=False) sizes.
 KERAS_RESNET50_TRAINABLE = 23_534_592
@@ -54,7 +53,7 @@ def test_resnet50_sizes_equal_keras():
 
 
 def test_resnet50_names_and_shapes_equal_keras():
-  from mnist_resnet.pretrained import import_keras
+  from mnist_resnet.tf_host import import_keras
   keras = import_keras()
   keras_model = keras.applications.ResNet50(
       weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
@@ -83,15 +82,6 @@ def test_deeper_variants_have_keras_block_names(name, blocks):
   params = abstract_variables(models.create_model(name))["params"]["backbone"]
   assert len({k.rsplit("_", 2)[0] for k in params if "block" in k}) == blocks
   assert "conv5_block3_3_bn" in params and "conv4_block6_1_conv" in params
-
-
-def test_unknown_model_and_dtype_are_config_errors():
-  with pytest.raises(ConfigError, match="resnet50.*resnet_tiny"):
-    models.create_model("resnet18")
-  with pytest.raises(ConfigError, match="float64"):
-    models.create_model("resnet_tiny", dtype="float64")
-  assert models.create_model("resnet_tiny",
-                             dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
 def test_tiny_forward_backward_is_fast(tiny):

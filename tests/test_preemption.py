@@ -6,7 +6,6 @@ import os
 import pathlib
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -121,15 +120,23 @@ def test_sigkill_during_async_save_resumes_from_previous(
 
 
 def test_non_finite_loss_stops_with_one_line(mnist_dir, tmp_path):
+  """A learning rate that really diverges: the run stops at the first
+  non-finite step, saves nothing from it on, and writes no results."""
   proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}",
-                   "--config.num_train_steps=60",
-                   "--config.checkpoint_every_steps=10",
+                   "--config.num_train_steps=60", "--config.warmup_steps=20",
+                   "--config.learning_rate=1e30",
+                   "--config.checkpoint_every_steps=2",
                    "--config.log_every_steps=20", "--config.eval_every_steps=0",
-                   "--config.inject_nan_at_step=25", check=False)
+                   check=False)
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and "step 25" in errors[0], proc.stderr[-3000:]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  match = re.search(r"non-finite train loss or gradient at step (\d+)",
+                    errors[0])
+  assert match, errors[0]
   assert "Traceback" not in proc.stderr
-  # The last good checkpoint is still the latest; no NaN state was saved.
-  assert checkpoint_steps(tmp_path)[-1] == 20
+  # Measured: step 1 runs at learning rate 0 and step 2 at 2.5e28 (warmup),
+  # so the loss of step 3 is the first NaN.
+  assert int(match[1]) == 3
+  assert checkpoint_steps(tmp_path) == [2]
   assert not (tmp_path / "results.json").exists()

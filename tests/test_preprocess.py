@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from mnist_resnet import preprocess
-from mnist_resnet.errors import ConfigError
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 
@@ -44,7 +43,7 @@ def test_caffe_values_are_bgr_minus_mean():
 
 
 def test_caffe_matches_keras_preprocess_input():
-  from mnist_resnet.pretrained import import_keras
+  from mnist_resnet.tf_host import import_keras
   keras = import_keras()
   images = asymmetric_images(2)
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32)
@@ -101,16 +100,6 @@ def test_float_input_same_as_uint8():
   b = preprocess.to_model_input(jnp.asarray(images, jnp.float32),
                                 image_size=32)
   np.testing.assert_array_equal(a, b)
-
-
-def test_bad_arguments_are_config_errors():
-  images = jnp.zeros((1, 28, 28), jnp.uint8)
-  with pytest.raises(ConfigError, match="caffe, torch"):
-    preprocess.to_model_input(images, image_size=32, convention="tf")
-  with pytest.raises(ConfigError, match="image_size"):
-    preprocess.to_model_input(images, image_size=0)
-  with pytest.raises(ConfigError, match="non-negative"):
-    preprocess.augment(images, jax.random.key(0), max_shift=-1)
 
 
 def test_jittable_with_static_options():
@@ -171,3 +160,28 @@ def test_augment_affine():
   # Identity when every range is zero.
   same = preprocess.augment(images, jax.random.key(0), max_shift=0)
   np.testing.assert_array_equal(same, src)
+
+
+def test_augmentation_keeps_each_image_with_its_label_and_never_flips():
+  """Augmented example i is a small transform of input i (so labels stay
+  aligned), and is closer to its input than to the input's mirror images."""
+  rng = np.random.default_rng(0)
+  blocks = rng.integers(0, 2, size=(16, 5, 5)).astype(np.uint8) * 255
+  images = np.zeros((16, 28, 28), np.uint8)  # Random 4x4-pixel blocks.
+  images[:, 4:24, 4:24] = np.kron(blocks, np.ones((4, 4), np.uint8))
+  x = images.astype(np.float32)
+
+  def distance(a, b):  # L1 distance at the best alignment within 3 pixels.
+    p = np.pad(b, 3)
+    return min(float(np.abs(a - p[3 + dy:31 + dy, 3 + dx:31 + dx]).sum())
+               for dy in range(-3, 4) for dx in range(-3, 4))
+
+  for kwargs in ({"max_shift": 2},
+                 {"max_shift": 2, "max_rotation_deg": 10, "max_scale": 0.1}):
+    out = np.asarray(preprocess.augment(jnp.asarray(images),
+                                        jax.random.key(1), **kwargs))
+    for i in range(16):
+      own = distance(out[i], x[i])
+      assert own < min(distance(out[i], x[j]) for j in range(16) if j != i)
+      assert own < distance(out[i], x[i, :, ::-1])
+      assert own < distance(out[i], x[i, ::-1, :])

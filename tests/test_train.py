@@ -122,7 +122,7 @@ def assert_same_training(workdir_a, workdir_b, mnist_dir):
     key, value = arg[len("--config."):].split("=")
     config[key] = type(config[key])(
         value if not isinstance(config[key], bool) else value == "true")
-  trainer = train.Trainer.create(config, 60000)
+  trainer = train.build_program(config, 60000)
   start = jax.device_get(trainer.initial_state().params)
   final = []
   for workdir in (workdir_a, workdir_b):
@@ -228,7 +228,7 @@ def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
   config.checkpoint_every_steps = 100
   train.train_and_evaluate(config, str(tmp_path))
 
-  trainer = train.Trainer.create(config, 60000)
+  trainer = train.build_program(config, 60000)
   before = jax.device_get(trainer.initial_state())
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"),
                                      max_to_keep=1)
@@ -282,8 +282,8 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def keras_weights(tmp_path_factory):
   """A randomly initialised Keras ResNet50 (notop) saved as .weights.h5."""
-  from mnist_resnet import pretrained
-  keras = pretrained.import_keras()
+  from mnist_resnet import tf_host
+  keras = tf_host.import_keras()
   model = keras.applications.ResNet50(weights=None, include_top=False,
                                       pooling="avg", input_shape=(32, 32, 3))
   path = tmp_path_factory.mktemp("keras") / "resnet50.weights.h5"
@@ -302,14 +302,17 @@ def _default_config(mnist_dir, weights):
 @pytest.mark.slow
 def test_imagenet_init_takes_the_backbone_from_keras_weights(
     mnist_dir, keras_weights, tmp_path):
-  from mnist_resnet import convert
+  from mnist_resnet import pretrained
   from mnist_resnet import train
   path, keras_values = keras_weights
   kernel = keras_values["conv1_conv/kernel"]
   moving_var = keras_values["conv5_block3_3_bn/moving_variance"]
 
   def check(config):
-    state = jax.device_get(train.Trainer.create(config, 60000).initial_state())
+    weights = pretrained.resolve_weights(config.pretrained_weights,
+                                         config.model)
+    state = jax.device_get(
+        train.build_program(config, 60000).initial_state(weights))
     backbone = state.params["backbone"]
     np.testing.assert_array_equal(backbone["conv1_conv"]["kernel"], kernel)
     np.testing.assert_array_equal(
@@ -370,3 +373,31 @@ def test_profile_steps_writes_a_trace_in_a_short_run(mnist_dir, tmp_path):
             "--config.eval_every_steps=0", "--config.eval_batch_size=2000")
   traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert traces, list((tmp_path / "profile").rglob("*"))
+
+
+def tiny_config(**overrides):
+  from configs import smoke
+  c = smoke.get_config()
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def flat(tree):
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_zero_init_residual_scales_are_zero_only_where_chosen():
+  from mnist_resnet import train
+  for zero in (True, False):
+    program = train.build_program(tiny_config(zero_init_residual=zero), 1000)
+    params = flat(jax.device_get(program.initial_state().params["backbone"]))
+    last = {k: v for k, v in params.items() if "_3_bn']['scale" in k}
+    others = {k: v for k, v in params.items()
+              if k.endswith("_bn']['scale']") and k not in last}
+    assert len(last) == 4 and len(others) == 13  # stem + 3 per block
+    for value in last.values():
+      np.testing.assert_array_equal(value, 0.0 if zero else 1.0)
+    for value in others.values():
+      np.testing.assert_array_equal(value, 1.0)
