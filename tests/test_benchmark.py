@@ -16,7 +16,10 @@ import sys
 import numpy as np
 import pytest
 
+from mnist_resnet import bench_modes
 from mnist_resnet import benchmark
+from mnist_resnet import flops
+from mnist_resnet import reporting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ("--config.model=resnet_tiny", "--config.bench_steps=3",
@@ -104,7 +107,7 @@ def test_all_modes_tiny_model(mnist_dir, tmp_path):
   _check_measurement(step, "step", 32, 32)
   _check_measurement(train, "train", 32, 32)
   # The profile covers steps 11-13, so the train mode warms up past them.
-  assert train["warmup_steps"] == benchmark.TRAIN_PROFILE_START + 3
+  assert train["warmup_steps"] == reporting.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS
   assert train["compile_seconds"] == step["compile_seconds"]
   assert summary["loop_efficiency"] == pytest.approx(
       train["images_per_sec"] / step["images_per_sec"], rel=1e-3)
@@ -175,15 +178,15 @@ def test_bad_benchmark_keys_are_config_errors(tmp_path, args, message):
 
 
 def test_peak_table():
-  assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
-  assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756
-  assert benchmark.peak_tflops("NVIDIA H200", "float32") == 495
-  assert benchmark.peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312
-  assert benchmark.peak_tflops("TPU v4", "bfloat16") == 275
-  assert benchmark.peak_tflops("TPU v5 lite", "bfloat16") == 197
-  assert benchmark.peak_tflops("TPU v5p", "float32") == 459
-  assert benchmark.peak_tflops("TPU v6 lite", "bfloat16") == 918
-  assert benchmark.peak_tflops("cpu", "float32") is None
+  assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
+  assert flops.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756
+  assert flops.peak_tflops("NVIDIA H200", "float32") == 495
+  assert flops.peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312
+  assert flops.peak_tflops("TPU v4", "bfloat16") == 275
+  assert flops.peak_tflops("TPU v5 lite", "bfloat16") == 197
+  assert flops.peak_tflops("TPU v5p", "float32") == 459
+  assert flops.peak_tflops("TPU v6 lite", "bfloat16") == 918
+  assert flops.peak_tflops("cpu", "float32") is None
 
 
 def test_parse_sizes():
@@ -193,11 +196,12 @@ def test_parse_sizes():
 
 def test_synthetic_batch_is_what_the_pipeline_yields(mnist_dir):
   from mnist_resnet import data
+  from mnist_resnet import mnist
   from configs import benchmark as benchmark_config
   config = benchmark_config.get_config()
   config.batch_size = 16
-  fake = benchmark.synthetic_batch(config)
-  split = data.load_mnist(mnist_dir)["train"]
+  fake = bench_modes.synthetic_batch(config)
+  split = mnist.load_mnist(mnist_dir)["train"]
   real = next(data.train_dataset(split, global_batch_size=16,
                                  seed=0).as_numpy_iterator())
   assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
@@ -207,7 +211,7 @@ def test_synthetic_batch_is_what_the_pipeline_yields(mnist_dir):
 def test_ready_clock_times_steps_without_blocking_the_caller():
   import jax
   import jax.numpy as jnp
-  clock = benchmark.ReadyClock()
+  clock = bench_modes.ReadyClock()
   f = jax.jit(lambda x: (x @ x).sum())
   x = jnp.ones((256, 256))
   for step in range(1, 4):
