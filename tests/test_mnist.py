@@ -4,6 +4,7 @@ Most tests run on real MNIST (skipped when it is absent); validation faults
 use small crafted idx files. Downloads are tested in test_download.py.
 """
 
+import hashlib
 import pathlib
 
 import numpy as np
@@ -78,6 +79,47 @@ def test_local_md5_mismatch_warns_but_loads(mnist_dir, tmp_path, caplog):
   warnings = [r.getMessage() for r in caplog.records
               if r.levelname == "WARNING"]
   assert len(warnings) == 1 and mnist.TRAIN_IMAGES in warnings[0]
+
+
+def _md5(path: pathlib.Path) -> str:
+  return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_altered_official_file_warns_but_loads(mnist_dir, tmp_path, caplog):
+  """One pixel changed in a valid copy of the official test images: not
+  official any more (warned about, still loaded); untouched files still
+  official. Independent of the shared training images being a rebuild."""
+  paths = mnist.locate_files(mnist_dir, download=False)
+  for name, path in paths.items():
+    if name != mnist.TEST_IMAGES:
+      (tmp_path / path.name).symlink_to(path)
+  images = idx.read_idx(paths[mnist.TEST_IMAGES]).copy()
+  images[123, 14, 14] ^= 1  # Still a valid idx file of valid digits.
+  altered = tmp_path / (mnist.TEST_IMAGES + ".gz")
+  idx.write_idx(altered, images)
+  with caplog.at_level("WARNING"):
+    splits = mnist.load_mnist(tmp_path)
+  np.testing.assert_array_equal(splits["test"].images, images)
+  assert len(splits["train"].labels) == 60000
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING"]
+  md5 = _md5(altered)
+  assert sum(str(altered) in w and md5 in w for w in warnings) == 1
+  for name in (mnist.TRAIN_LABELS, mnist.TEST_LABELS):
+    assert not any(name in w for w in warnings)
+  located = mnist.locate_files(tmp_path, download=False)
+  details = mnist.checksum_details(located)
+  assert details[mnist.TEST_IMAGES] == (md5, False)
+  for name in (mnist.TRAIN_LABELS, mnist.TEST_LABELS):
+    assert details[name] == (_md5(located[name]), True)
+  source = paths[mnist.TEST_IMAGES]  # The untouched original.
+  assert mnist.checksum_details({mnist.TEST_IMAGES: source}) == {
+      mnist.TEST_IMAGES: (_md5(source), True)}
+  # The same altered content uncompressed: not official either.
+  raw = tmp_path / mnist.TEST_IMAGES
+  idx.write_idx(raw, images)
+  assert mnist.checksum_details({mnist.TEST_IMAGES: raw}) == {
+      mnist.TEST_IMAGES: (_md5(raw), False)}
 
 
 # --- Validation with crafted files ------------------------------------------

@@ -1,7 +1,6 @@
 """Tests of the Keras-layout ResNet: names, sizes, modes and dtypes."""
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -84,9 +83,13 @@ def test_deeper_variants_have_keras_block_names(name, blocks):
   assert "conv5_block3_3_bn" in params and "conv4_block6_1_conv" in params
 
 
-def test_tiny_forward_backward_is_fast(tiny):
+def test_tiny_forward_backward_is_cheap(tiny):
+  """resnet_tiny exists to make tests and CPU smoke runs cheap: the real code
+  path at a small, pinned size (no wall-clock check: cores are shared)."""
   model, variables, x = tiny
   labels = jnp.arange(x.shape[0]) % 10
+  assert models.count_params(variables) == {"trainable": 133_690,
+                                            "batch_stats": 2_432}
 
   @jax.jit
   def grads(params, batch_stats, x, key):
@@ -100,10 +103,11 @@ def test_tiny_forward_backward_is_fast(tiny):
     return jax.grad(loss, has_aux=True)(params)
 
   args = (variables["params"], variables["batch_stats"], x, jax.random.key(2))
-  jax.block_until_ready(grads(*args))
-  start = time.perf_counter()
-  g, updates = jax.block_until_ready(grads(*args))
-  assert time.perf_counter() - start < 2.0
+  # XLA's own count for one forward+backward on 4 images: about 1.8e7 FLOPs
+  # (ResNet50: 1.7e9).
+  lowered = grads.lower(*args)
+  assert 1e6 < lowered.cost_analysis()["flops"] < 5e7
+  g, updates = jax.block_until_ready(lowered.compile()(*args))
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(g))
   assert jax.tree.structure(g) == jax.tree.structure(variables["params"])
   assert np.abs(g["backbone"]["conv1_conv"]["kernel"]).sum() > 0
@@ -124,12 +128,25 @@ def test_bfloat16_forward_close_to_float32(tiny):
   # Same float32 variables drive both models.
   assert jax.tree.structure(abstract_variables(bf16)) == jax.tree.structure(
       variables)
+  # The backbone really computes in bfloat16 (every conv and BN output), and
+  # hands float32 features to the head.
+  _, state = jax.eval_shape(functools.partial(
+      bf16.apply, train=False, capture_intermediates=True,
+      mutable=("intermediates",)), variables, x)
+  inner = state["intermediates"]["backbone"]
+  layers = {name: out["__call__"][0].dtype for name, out in inner.items()
+            if name != "__call__"}
+  assert len(layers) == 34
+  assert set(layers.values()) == {jnp.dtype(jnp.bfloat16)}
+  assert inner["__call__"][0].dtype == jnp.float32
   for method in (None, models.ResNet.features):
     kwargs = {} if method is None else {"method": method}
     ref = jit_apply(model)(variables, x, train=False, **kwargs)
     out = jit_apply(bf16)(variables, x, train=False, **kwargs)
     assert out.dtype == jnp.float32
-    assert float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))) < 2e-2
+    # Close, but not equal: equal would mean the dtype was ignored.
+    rel = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+    assert 1e-4 < rel < 2e-2
   # Training mode: batch statistics stay float32 in a bfloat16 model.
   rngs = {"dropout": jax.random.key(0)}
   _, updates = jit_apply(bf16)(variables, x, train=True,
@@ -142,7 +159,7 @@ def test_bfloat16_forward_close_to_float32(tiny):
   diff = jnp.concatenate([jnp.ravel(a - b) for a, b in
                           zip(leaves, jax.tree.leaves(ref_updates))])
   ref = jnp.concatenate([jnp.ravel(b) for b in jax.tree.leaves(ref_updates)])
-  assert float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref)) < 2e-2
+  assert 1e-5 < float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref)) < 2e-2
 
 
 def test_bfloat16_keeps_float32_params():

@@ -81,17 +81,33 @@ def test_padding_is_background(convention):
 
 
 def test_resize_keeps_32_framing():
-  images = jnp.asarray(asymmetric_images(1))
-  out64 = np.asarray(preprocess.to_model_input(images, image_size=64))
-  out32 = np.asarray(preprocess.to_model_input(images, image_size=32))
-  # 2x upsampling of the padded 32x32 image: 4-pixel background margin, and
-  # the same picture at half resolution.
-  np.testing.assert_allclose(out64[0, :3], -np.broadcast_to(
-      CAFFE_MEAN_BGR, (3, 64, 3)), atol=1e-4)
-  np.testing.assert_allclose(out64[0, 1::2, 1::2].mean(), out32[0].mean(),
-                             rtol=0.05)
-  assert preprocess.to_model_input(images, image_size=30).shape == (
-      1, 30, 30, 3)
+  # Ink up to the very edge, so resizing without the 2-pixel pad shows.
+  images = asymmetric_images(2)
+  images[:, 0, :] = 255
+  images[:, :, -1] = 180
+  out64 = np.asarray(preprocess.to_model_input(jnp.asarray(images),
+                                               image_size=64))
+  # Independent reference: pad 28 -> 32 with black, then 2x bilinear.
+  padded = np.pad(images.astype(np.float32), ((0, 0), (2, 2), (2, 2)))
+  ref = np.asarray(jax.image.resize(padded, (2, 64, 64), "bilinear",
+                                    antialias=False))
+  np.testing.assert_allclose(out64, ref[..., None] - CAFFE_MEAN_BGR,
+                             atol=1e-3)
+  # Exactly 3 background rows/columns on each side (the 4th blends in ink).
+  black = -CAFFE_MEAN_BGR
+  for border in (out64[:, :3], out64[:, -3:], out64[:, :, :3],
+                 out64[:, :, -3:]):
+    np.testing.assert_array_equal(border, np.broadcast_to(black,
+                                                          border.shape))
+  assert (out64[:, 3, 8:56] > black).all()
+  assert (out64[:, 8:56, -4] > black).all()
+  # Below 32 (other than 28): bare bilinear resize of the 28x28 digit.
+  out30 = np.asarray(preprocess.to_model_input(jnp.asarray(images),
+                                               image_size=30))
+  ref30 = np.asarray(jax.image.resize(images.astype(np.float32), (2, 30, 30),
+                                      "bilinear", antialias=False))
+  np.testing.assert_allclose(out30, ref30[..., None] - CAFFE_MEAN_BGR,
+                             atol=1e-3)
 
 
 def test_float_input_same_as_uint8():
@@ -143,23 +159,72 @@ def test_augment_deterministic_per_key_and_per_example():
   assert not np.array_equal(a, c)
 
 
+def bar_images(batch: int) -> np.ndarray:
+  """A horizontal 16x2 bar centred on the image centre (13.5, 13.5)."""
+  images = np.zeros((batch, 28, 28), np.uint8)
+  images[:, 13:15, 6:22] = 255
+  return images
+
+
+def bar_geometry(image: np.ndarray) -> tuple[float, float, np.ndarray]:
+  """(angle in degrees, length along the long axis, centroid) from the
+  image's intensity moments; length is sqrt(12 * variance), exact for a
+  uniform bar."""
+  w = image / image.sum()
+  yy, xx = np.mgrid[:28, :28]
+  cy, cx = (w * yy).sum(), (w * xx).sum()
+  vyy = (w * (yy - cy) ** 2).sum()
+  vxx = (w * (xx - cx) ** 2).sum()
+  vxy = (w * (yy - cy) * (xx - cx)).sum()
+  angle = 0.5 * np.degrees(np.arctan2(2 * vxy, vxx - vyy))
+  major = 0.5 * (vxx + vyy) + np.sqrt(0.25 * (vxx - vyy) ** 2 + vxy ** 2)
+  return float(angle), float(np.sqrt(12 * major)), np.array([cy, cx])
+
+
 def test_augment_affine():
-  images = jnp.asarray(asymmetric_images(4))
-  augment = jax.jit(functools.partial(
-      preprocess.augment, max_shift=1, max_rotation_deg=15.0, max_scale=0.1))
-  out = np.asarray(augment(images, jax.random.key(0)))
-  assert out.shape == (4, 28, 28) and out.dtype == np.float32
+  # Rotation and scale measured on a bar: the untouched bar is the baseline.
+  bars = bar_images(16)
+  angle0, length0, centre0 = bar_geometry(bars[0].astype(np.float64))
+  assert abs(angle0) < 1e-6 and abs(length0 - 16) < 0.1
+  key = jax.random.key(3)
+
+  # Rotation only: the bar turns (both ways, within the range), keeps its
+  # length, and turns about the image centre.
+  rotate = jax.jit(functools.partial(preprocess.augment, max_shift=0,
+                                     max_rotation_deg=15.0))
+  out = np.asarray(rotate(jnp.asarray(bars), key))
+  assert out.shape == bars.shape and out.dtype == np.float32
   assert out.min() >= 0 and out.max() <= 255 + 1e-3  # bilinear: no overshoot
-  np.testing.assert_array_equal(out, augment(images, jax.random.key(0)))
-  # A small warp keeps most of the ink where it was and moves some of it.
-  src = np.asarray(images, np.float32)
-  for i in range(4):
-    corr = np.corrcoef(out[i].ravel(), src[i].ravel())[0, 1]
-    assert 0.3 < corr < 0.999
-    assert abs(out[i].sum() / src[i].sum() - 1) < 0.3
+  np.testing.assert_array_equal(out, rotate(jnp.asarray(bars), key))
+  rotated = [bar_geometry(o.astype(np.float64)) for o in out]
+  angles = np.array([g[0] for g in rotated])
+  assert np.abs(angles).max() <= 15.5
+  assert angles.max() > 3 and angles.min() < -3
+  for _, length, centre in rotated:
+    assert abs(length / length0 - 1) < 0.02
+    np.testing.assert_allclose(centre, centre0, atol=0.05)
+  # Scale only: the bar's length changes (both ways, within the range), its
+  # angle and centre do not.
+  out = np.asarray(jax.jit(functools.partial(
+      preprocess.augment, max_shift=0, max_scale=0.1))(jnp.asarray(bars), key))
+  scaled = [bar_geometry(o.astype(np.float64)) for o in out]
+  ratios = np.array([g[1] / length0 for g in scaled])
+  assert ratios.min() > 0.88 and ratios.max() < 1.12
+  assert ratios.max() > 1.03 and ratios.min() < 0.97
+  for angle, _, centre in scaled:
+    assert abs(angle) < 0.5
+    np.testing.assert_allclose(centre, centre0, atol=0.05)
+
+  # Rotation and scale both off: the whole-pixel shift path, exactly.
+  shift_only = np.asarray(jax.jit(functools.partial(
+      preprocess.augment, max_shift=2, max_rotation_deg=0.0, max_scale=0.0))(
+          jnp.asarray(bars), key))
+  for i in range(len(bars)):
+    assert any(np.array_equal(shift_only[i], shifted(bars[i], dy, dx))
+               for dy in range(-2, 3) for dx in range(-2, 3))
   # Identity when every range is zero.
-  same = preprocess.augment(images, jax.random.key(0), max_shift=0)
-  np.testing.assert_array_equal(same, src)
+  same = preprocess.augment(jnp.asarray(bars), key, max_shift=0)
+  np.testing.assert_array_equal(same, bars.astype(np.float32))
 
 
 def test_augmentation_keeps_each_image_with_its_label_and_never_flips():
