@@ -8,10 +8,14 @@ most of its time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -68,29 +72,63 @@ def _tiny_train_flops(batch: int, size: int) -> float:
 
 
 def _check_measurement(r: dict, mode: str, batch: int, size: int,
-                       devices: int = 1) -> None:
+                       devices: int = 1, warmup: int | None = 1) -> None:
   for key in STEP_FIELDS:
     assert key in r, key
   assert r["mode"] == mode
   assert r["model"] == "resnet_tiny"
   assert (r["image_size"], r["batch_size"]) == (size, batch)
-  assert r["device_count"] == devices
-  assert r["per_device_batch_size"] * devices == batch
-  assert r["timed_steps"] == 3
+  assert r["dtype"] == "float32"
+  assert (r["platform"], r["device_kind"]) == ("cpu", "cpu")
+  assert (r["device_count"], r["process_count"]) == (devices, 1)
+  assert batch % devices == 0
+  assert r["per_device_batch_size"] == batch // devices
+  assert r["timed_steps"] == 3  # --config.bench_steps
+  if warmup is not None:
+    assert r["warmup_steps"] == warmup
   for key in ("compile_seconds", "step_ms_median", "step_ms_p10",
               "step_ms_p90", "images_per_sec", "images_per_sec_per_device",
               "flops_per_step", "tflops_per_sec"):
     assert r[key] > 0, (key, r[key])
   assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+  assert r["step_ms_p90"] <= r["step_ms_max"]
+  assert r["step_ms_mean"] <= r["step_ms_max"]
   # Timed images over timed seconds: batch / mean step time.
   assert r["images_per_sec"] == pytest.approx(
       batch * 1e3 / r["step_ms_mean"], rel=1e-3)
+  assert r["images_per_sec_per_device"] == pytest.approx(
+      r["images_per_sec"] / devices, abs=0.011)
+  # FLOPs of one step over the median step time; printed to 4 decimals.
+  tflops = r["flops_per_step"] / (r["step_ms_median"] / 1e3) / 1e12
+  assert abs(r["tflops_per_sec"] - tflops) <= (
+      5e-5 + tflops * 6e-4 / r["step_ms_median"]), (r["tflops_per_sec"],
+                                                    tflops)
   analytic = _tiny_train_flops(batch, size)
   assert analytic / 2 <= r["flops_per_step"] <= analytic * 2, (
       r["flops_per_step"], analytic)
   # uint8 28x28 image + int32 label, whatever the model's input size.
   assert r["host_to_device_bytes_per_example"] == 28 * 28 + 4
   assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU.
+  assert r["peak_tflops_per_device"] is None
+
+
+def _check_input(r: dict, batch: int, wanted: int) -> None:
+  """The input mode's record, for --config.input_images=wanted."""
+  assert r["mode"] == "input"
+  assert r["batch_size"] == batch
+  assert r["shuffle"] is True
+  assert r["warmup_batches"] == bench_modes.INPUT_WARMUP_BATCHES
+  # input_images rounded up to whole batches.
+  assert r["batches"] == math.ceil(wanted / batch)
+  assert r["images"] == r["batches"] * batch
+  # uint8 28x28 image + int32 label.
+  assert r["host_to_device_bytes_per_example"] == 28 * 28 + 4 == 788
+  assert r["seconds"] > 0
+  # images / seconds, with seconds printed to 4 decimals and images/s to 1.
+  low = r["images"] / (r["seconds"] + 5e-5) - 0.05
+  high = r["images"] / max(r["seconds"] - 5e-5, 1e-9) + 0.05
+  assert low <= r["images_per_sec"] <= high, (r["images_per_sec"],
+                                              r["images"], r["seconds"])
 
 
 def test_all_modes_tiny_model(mnist_dir, tmp_path):
@@ -102,15 +140,25 @@ def test_all_modes_tiny_model(mnist_dir, tmp_path):
   assert [r["mode"] for r in lines] == ["input", "step", "train", "all"]
   assert len(result.stdout.strip().splitlines()) == 4  # No table: one run.
   inp, step, train, summary = lines
-  assert inp["images_per_sec"] > 0 and inp["batch_size"] == 32
-  assert inp["host_to_device_bytes_per_example"] == 788
-  _check_measurement(step, "step", 32, 32)
-  _check_measurement(train, "train", 32, 32)
+  _check_input(inp, 32, 2000)
+  _check_measurement(step, "step", 32, 32, warmup=1)
   # The profile covers steps 11-13, so the train mode warms up past them.
-  assert train["warmup_steps"] == reporting.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS
+  _check_measurement(train, "train", 32, 32, warmup=(
+      reporting.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS))
   assert train["compile_seconds"] == step["compile_seconds"]
+  # The training config's cadences; no checkpoint among the timed steps.
+  assert train["log_every_steps"] == 10
+  assert train["checkpoint_every_steps"] == 500
+  assert train["checkpoints_in_timed_steps"] == 0
+  assert {k: summary[k] for k in ("model", "image_size", "dtype",
+                                  "batch_size")} == {
+      "model": "resnet_tiny", "image_size": 32, "dtype": "float32",
+      "batch_size": 32}
+  assert summary["step_images_per_sec"] == step["images_per_sec"]
+  assert summary["train_images_per_sec"] == train["images_per_sec"]
+  # train images/s / step images/s, printed to 4 decimals.
   assert summary["loop_efficiency"] == pytest.approx(
-      train["images_per_sec"] / step["images_per_sec"], rel=1e-3)
+      train["images_per_sec"] / step["images_per_sec"], abs=5.1e-5)
   # Both profiles were written: the step mode's and train.py's own.
   traces = sorted(p.relative_to(tmp_path).parts[0]
                   for p in tmp_path.rglob("*.xplane.pb"))
@@ -128,11 +176,20 @@ def test_sweep_prints_every_combination_and_a_table():
       (8, 28), (16, 28)]
   for r in lines:
     _check_measurement(r, "step", r["batch_size"], 28, devices=2)
-  table = [l for l in result.stdout.splitlines() if not l.startswith("{")]
+  assert [r["per_device_batch_size"] for r in lines] == [4, 8]
+  # The table comes after every JSON line: one row per line, same figures.
+  out = result.stdout.splitlines()
+  assert all(l.startswith("{") for l in out[:len(lines)])
+  table = out[len(lines):]
   assert table[0].split()[:4] == ["mode", "model", "size", "batch"]
   assert set(table[1]) == {"-"}
-  assert [row.split()[:4] for row in table[2:]] == [
-      ["step", "resnet_tiny", "28", "8"], ["step", "resnet_tiny", "28", "16"]]
+  assert [row.split() for row in table[2:]] == [[
+      "step", "resnet_tiny", "28", str(r["batch_size"]),
+      str(r["per_device_batch_size"]), "float32",
+      f"{r['step_ms_median']:.1f}", f"{r['step_ms_p10']:.1f}",
+      f"{r['step_ms_p90']:.1f}", f"{r['images_per_sec']:.1f}",
+      f"{r['tflops_per_sec']:.3f}", "-", f"{r['compile_seconds']:.1f}", "-"]
+      for r in lines]
 
 
 def test_input_benchmark_prints_json(mnist_dir):
@@ -140,13 +197,11 @@ def test_input_benchmark_prints_json(mnist_dir):
                 "--config.download=false", "--config.input_images=20000",
                 "--config.batch_size=128")
   assert result.returncode == 0, result.stderr
-  last = json.loads(result.stdout.strip().splitlines()[-1])
-  assert last["mode"] == "input"
-  assert last["shuffle"] is True
-  assert last["batch_size"] == 128
-  assert last["images"] >= 20000 and last["images"] % 128 == 0
-  assert last["seconds"] > 0
-  assert last["images_per_sec"] > 0
+  out = result.stdout.strip().splitlines()
+  assert len(out) == 1, result.stdout  # One measurement: no table.
+  record = json.loads(out[0])
+  _check_input(record, 128, 20000)
+  assert (record["batches"], record["images"]) == (157, 157 * 128)
 
 
 def test_missing_data_is_one_line_exit_2(tmp_path):
@@ -208,7 +263,74 @@ def test_synthetic_batch_is_what_the_pipeline_yields(mnist_dir):
       k: (v.shape, v.dtype) for k, v in real.items()}
 
 
+# Seconds before a ReadyClock test gives up on a wait instead of hanging.
+_CLOCK_TIMEOUT_S = 20
+
+
+class _GatedLoss:
+  """A step's loss that becomes ready only once `gate` is set; notes the
+  order in which the clock waits on the steps."""
+
+  def __init__(self, step: int, gate: threading.Event, waited: list[int],
+               error: BaseException | None = None):
+    self.step, self.gate, self.waited, self.error = step, gate, waited, error
+
+  def block_until_ready(self):
+    if not self.gate.wait(timeout=_CLOCK_TIMEOUT_S):
+      raise TimeoutError(f"step {self.step}'s gate was never opened")
+    self.waited.append(self.step)
+    if self.error is not None:
+      raise self.error
+    return self
+
+
+def _within(seconds: float, fn: Callable[[], Any], what: str) -> Any:
+  """fn() in a daemon thread; fails the test instead of hanging if it has
+  not returned after `seconds`. Exceptions from fn are re-raised here."""
+  out: dict[str, Any] = {}
+
+  def target():
+    try:
+      out["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      out["error"] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f"{what} still blocked after {seconds} s"
+  if "error" in out:
+    raise out["error"]
+  return out.get("value")
+
+
 def test_ready_clock_times_steps_without_blocking_the_caller():
+  """`clock(step, metrics)` returns while the step is still running; each
+  step's time is taken when its loss is ready, in step order."""
+  gate, waited = threading.Event(), []
+  clock = bench_modes.ReadyClock()
+
+  def dispatch_three_steps():
+    for step in range(1, 4):
+      clock(step, {"train_loss": _GatedLoss(step, gate, waited)})
+
+  try:
+    # A clock that waited in the caller would sit on the closed gate here.
+    _within(5, dispatch_three_steps, "clock(step, metrics) with step "
+            "outputs not ready yet")
+    # Time for a clock that does not wait to note the steps too early.
+    time.sleep(0.05)
+    opened = time.perf_counter()
+  finally:
+    gate.set()
+  ready = _within(_CLOCK_TIMEOUT_S, clock.close, "clock.close()")
+  assert waited == [1, 2, 3]
+  assert sorted(ready) == [1, 2, 3]
+  # Taken when each loss became ready, not when the step was handed over.
+  assert opened <= ready[1] <= ready[2] <= ready[3] <= time.perf_counter()
+
+
+def test_ready_clock_waits_on_jax_arrays():
   import jax
   import jax.numpy as jnp
   clock = bench_modes.ReadyClock()
@@ -216,9 +338,23 @@ def test_ready_clock_times_steps_without_blocking_the_caller():
   x = jnp.ones((256, 256))
   for step in range(1, 4):
     clock(step, {"train_loss": f(x)})
-  ready = clock.close()
+  ready = _within(_CLOCK_TIMEOUT_S, clock.close, "clock.close()")
   assert sorted(ready) == [1, 2, 3]
   assert ready[1] <= ready[2] <= ready[3]
+
+
+def test_ready_clock_close_reraises_an_error_of_its_thread():
+  """A step that fails on the device fails the benchmark at close()."""
+  gate, waited = threading.Event(), []
+  gate.set()
+  failure = RuntimeError("device lost during step 2")
+  clock = bench_modes.ReadyClock()
+  for step in range(1, 4):
+    clock(step, {"train_loss": _GatedLoss(
+        step, gate, waited, error=failure if step == 2 else None)})
+  with pytest.raises(RuntimeError, match="device lost during step 2") as info:
+    _within(_CLOCK_TIMEOUT_S, clock.close, "clock.close()")
+  assert failure in (info.value, info.value.__cause__)
 
 
 def test_format_table_aligns_rows():

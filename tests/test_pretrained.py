@@ -2,12 +2,19 @@
 name matching, converted directories, where the weights come from.
 
 One randomly initialised Keras ResNet50 (random kernels, biases, gamma, beta,
-moving mean and moving variance) is written in each layout; the Flax model
-loaded from each file must compute Keras's features.
+moving mean and moving variance) is written in each layout; from each file
+the Flax model must load exactly Keras's weights, and loaded from the legacy
+file it must compute Keras's features.
 """
 
 import functools
+import hashlib
+import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import types
 
 import h5py
@@ -21,6 +28,7 @@ from mnist_resnet.errors import ConfigError, WeightsError
 from test_keras_h5 import tiny_abstract, tiny_keras_layers, write_keras3_h5
 from test_keras_h5 import write_legacy_h5
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYOUTS = ("legacy", "model_weights", "keras3", "keras3_unnamed", "keras_zip")
 
 
@@ -145,11 +153,16 @@ def test_every_layout_loads_keras_weights_exactly(layout, keras_model,
       np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_features_equal_keras_in_inference(layout, keras_model, weight_files):
+def test_features_equal_keras_in_inference(keras_model, weight_files):
+  """Keras's own model and ours, loaded from the legacy file (the layout of
+  Keras's ImageNet downloads), compute the same features at 32x32, at the
+  fine-tuning resolution 224x224 and on preprocessed digits. The other
+  layouts load bit-identical weights
+  (test_every_layout_loads_keras_weights_exactly), hence the same features;
+  test_convert.py runs Keras on each of them."""
   keras = tf_host.import_keras()
   abstract, features, _ = flax_resnet50()
-  variables = backbone(pretrained.load_keras_weights(weight_files[layout],
+  variables = backbone(pretrained.load_keras_weights(weight_files["legacy"],
                                                      abstract))
   mnist = np.zeros((4, 28, 28), np.uint8)
   mnist[:, 5:23, 12:16] = np.random.default_rng(1).integers(
@@ -294,6 +307,65 @@ def test_imagenet_download_failure_is_one_line(monkeypatch):
                   "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
   assert kwargs == {"cache_subdir": "models",
                     "file_hash": "4d473c1dd8becc155b73f8504c6f6626"}
+
+
+# Run with KERAS_HOME and the proxies set before Keras is imported (Keras
+# reads KERAS_HOME once, at import). argv: the md5 of the cached file.
+_OFFLINE_CACHE_SCRIPT = """
+import json, sys
+from mnist_resnet import pretrained
+from mnist_resnet.errors import WeightsError
+
+def attempt():
+  print("-- attempt", flush=True)
+  try:
+    return {"path": pretrained.imagenet_weights_path("resnet50")}
+  except WeightsError as e:
+    return {"error": str(e)}
+
+pretrained._IMAGENET_NOTOP_MD5["resnet50"] = sys.argv[1]
+cached = attempt()
+# The same file under another published hash: Keras must fetch it again.
+pretrained._IMAGENET_NOTOP_MD5["resnet50"] = "0" * 32
+stale = attempt()
+print(json.dumps([cached, stale]))
+"""
+
+
+def test_imagenet_weights_found_offline_in_keras_home(tmp_path):
+  """README: a Keras weight file in $KERAS_HOME/models is used offline."""
+  name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  keras_home = tmp_path / "keras_home"
+  (keras_home / "models").mkdir(parents=True)
+  cached = keras_home / "models" / name
+  cached.write_bytes(b"\x89HDF\r\n\x1a\n stand-in for Keras's ImageNet file")
+  home = tmp_path / "home"  # An empty ~/.keras: only KERAS_HOME has it.
+  home.mkdir()
+  env = {k: v for k, v in os.environ.items()
+         if k.lower() not in ("no_proxy", "keras_home")}
+  closed = "http://127.0.0.1:9"  # Discard port: nothing listens.
+  env.update({"KERAS_HOME": str(keras_home), "HOME": str(home),
+              "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu",
+              "TF_CPP_MIN_LOG_LEVEL": "2",
+              **{k: closed for k in ("HTTPS_PROXY", "https_proxy",
+                                     "HTTP_PROXY", "http_proxy",
+                                     "ALL_PROXY", "all_proxy")}})
+  md5 = hashlib.md5(cached.read_bytes()).hexdigest()
+  result = subprocess.run(
+      [sys.executable, "-c", _OFFLINE_CACHE_SCRIPT, md5], cwd=tmp_path,
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  cached_result, stale_result = json.loads(result.stdout.splitlines()[-1])
+  # Found where Keras caches it, without a download.
+  assert cached_result == {"path": str(cached)}, result.stdout
+  first_attempt = result.stdout.split("-- attempt")[1]
+  assert "Downloading" not in first_attempt, result.stdout
+  # Control: a file that does not match the hash is not used, and the
+  # download it falls back to fails, since the network is unreachable.
+  assert "error" in stale_result, stale_result
+  assert stale_result["error"].startswith(
+      "could not download Keras's ImageNet ResNet50 weights (URL fetch "
+      "failure"), stale_result
 
 
 def test_imagenet_hashes_are_keras_own():
