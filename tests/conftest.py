@@ -1,7 +1,9 @@
 """Shared pytest fixtures.
 
 Real MNIST is read from ../shared/data/mnist beside the checkout (or from
-$MNIST_DIR). Tests that need it skip with a reason when it is absent.
+$MNIST_DIR). Tests that need it skip with a reason when it is absent, unless
+$MNIST_REQUIRED=1 (as in CI), where a missing dataset fails them: a run that
+skips the training, resume and benchmark tests must not pass.
 """
 
 import os
@@ -29,6 +31,9 @@ def _has_mnist(directory: pathlib.Path) -> bool:
 def mnist_dir() -> pathlib.Path:
   """Directory holding the four real MNIST idx files, or skip."""
   if not _has_mnist(MNIST_DIR):
-    pytest.skip(f"real MNIST not found in {MNIST_DIR} (set MNIST_DIR to a "
-                "directory with the four idx files to run this test)")
+    why = (f"real MNIST not found in {MNIST_DIR} (set MNIST_DIR to a "
+           "directory with the four idx files to run this test)")
+    if os.environ.get("MNIST_REQUIRED") == "1":
+      pytest.fail(why + "; MNIST_REQUIRED=1", pytrace=False)
+    pytest.skip(why)
   return MNIST_DIR
