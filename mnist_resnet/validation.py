@@ -50,6 +50,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       config.model not in pretrained.IMAGENET_MODELS):
     _fail(config, "init", f"Keras has no ImageNet weights for {config.model}; "
           "use init=scratch or give --config.pretrained_weights=PATH")
+  if config.init == "imagenet" and config.pretrained_weights:
+    # A given path must exist (cheap to check); Keras's download waits until
+    # a fresh start needs it.
+    pretrained.resolve_weights(config.pretrained_weights, config.model)
   for key in _POSITIVE:
     if not config[key] > 0:
       _fail(config, key, "must be > 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -44,25 +45,66 @@ def metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in lines]
 
 
+def tensorboard_scalars(workdir) -> dict[int, dict[str, float]]:
+  """step -> {tag: value} from every TensorBoard event file in `workdir`."""
+  import tensorflow as tf
+  out: dict[int, dict[str, float]] = {}
+  for path in pathlib.Path(workdir).glob("events.out.tfevents*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        out.setdefault(event.step, {})[value.tag] = float(
+            tf.make_ndarray(value.tensor))
+  return out
+
+
 @pytest.mark.slow
 def test_smoke_one_epoch_accuracy(mnist_dir, tmp_path):
-  """The tiny model, one epoch on real MNIST: a fast regression guard."""
+  """The tiny model, one epoch on real MNIST: a fast regression guard, and
+  what results.json, metrics.jsonl and TensorBoard say about it."""
+  from mnist_resnet import mnist, optim
   run_train(tmp_path, f"--config.data_dir={mnist_dir}")
   r = results(tmp_path)
   assert r["eval_examples"] == 10000
   assert r["test_accuracy"] >= 0.97, r["test_accuracy"]
-  assert r["step"] == 468
+  assert r["step"] == 468 and r["steps_run"] == 468
+  assert r["resumed_from"] is None and r["devices"] == 1
+  assert r["config"]["model"] == "resnet_tiny"
+  # Per-class accuracies weighted by the test set's class counts give the
+  # overall accuracy.
+  counts = np.bincount(mnist.load_mnist(mnist_dir)["test"].labels,
+                       minlength=10)
   assert len(r["per_class_accuracy"]) == 10
-  for key in ("test_loss", "final_train_loss", "params_sha256",
-              "train_seconds", "images_per_sec", "devices", "config"):
-    assert key in r
+  np.testing.assert_allclose(np.dot(r["per_class_accuracy"], counts) / 10000,
+                             r["test_accuracy"], atol=1e-5)
+  # (The train loss is of smoothed targets under dropout: ~0.6 here.)
+  assert 0 < r["test_loss"] < 0.3 and 0 < r["final_train_loss"] < 1.0
+  assert len(r["params_sha256"]) == 64
+  # images/s leaves out compilation, train_seconds does not.
+  assert r["images_per_sec"] * r["train_seconds"] >= 468 * 128 * 0.99
+
   logged = metrics(tmp_path)
-  assert all("train_loss" in m for m in logged if "test_accuracy" not in m)
-  assert any(name.startswith("events.out.tfevents")
-             for name in os.listdir(tmp_path))
+  train_logs = [m for m in logged if "train_loss" in m]
+  eval_logs = [m for m in logged if "test_accuracy" in m]
+  assert [m["step"] for m in train_logs] == [*range(50, 468, 50), 468]
+  assert [m["step"] for m in eval_logs] == [468]
+  assert eval_logs[0]["test_accuracy"] == pytest.approx(r["test_accuracy"])
+  # The logged learning rate is the one the step used: warmup + cosine at
+  # 0.4 per 256 examples.
+  schedule = optim.create_schedule(0.4, 128, 50, 468)
+  for m in train_logs:
+    assert m["learning_rate"] == pytest.approx(float(schedule(m["step"] - 1)),
+                                               rel=1e-5)
+    assert 0 <= m["train_accuracy"] <= 1 and m["images_per_sec"] > 0
+  assert train_logs[-1]["train_loss"] < train_logs[0]["train_loss"] - 0.5
+  # TensorBoard holds the same scalars as metrics.jsonl.
+  board = tensorboard_scalars(tmp_path)
+  for m in logged:
+    for key, value in m.items():
+      if key != "step":
+        assert board[m["step"]][key] == pytest.approx(value, rel=1e-5), key
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                  if p.name.isdigit())
-  assert steps[-1] == 468
+  assert steps == [200, 400, 468]
 
 
 @pytest.mark.slow
@@ -199,17 +241,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mnist_dir, tmp_path):
 
 def test_resume_of_finished_run_changes_nothing(mnist_dir, tmp_path):
   args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=30",
-          "--config.checkpoint_every_steps=10", "--config.eval_every_steps=0")
+          "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
+          "--config.max_checkpoints_to_keep=3")
   run_train(tmp_path, *args)
   first = results(tmp_path)
+  # Six saves, the three most recent kept (only the last was evaluated, so
+  # it is also the best).
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [20, 25, 30]
   run_train(tmp_path, *args)
   again = results(tmp_path)
   assert again["resumed_from"] == 30 and again["steps_run"] == 0
   assert again["params_sha256"] == first["params_sha256"]
-  # The N most recent checkpoints, plus the best one.
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps == [10, 20, 30]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [20, 25, 30]
 
 
 def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
@@ -256,10 +302,11 @@ def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
     (("--config.learning_rate=-1",), 1, "learning_rate"),
     (("--config.model=resnet7",), 1, "resnet7"),
 ])
-def test_bad_config_is_one_line_exit_2(tmp_path, mnist_dir, overrides,
-                                       devices, needle):
-  proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}", *overrides,
-                   devices=devices, check=False, timeout=120)
+def test_bad_config_is_one_line_exit_2(tmp_path, overrides, devices, needle):
+  """Rejected before any data is read (the data directory does not exist)."""
+  proc = run_train(tmp_path, f"--config.data_dir={tmp_path / 'no_data'}",
+                   "--config.download=false", *overrides, devices=devices,
+                   check=False, timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
@@ -291,17 +338,17 @@ def keras_weights(tmp_path_factory):
   return path, {w.path: np.asarray(w) for w in model.weights}
 
 
-def _default_config(mnist_dir, weights):
+def _default_config(weights, data_dir="unused"):
   from configs import default
   config = default.get_config()
-  config.data_dir = str(mnist_dir)
+  config.data_dir = str(data_dir)
   config.pretrained_weights = str(weights)
   return config
 
 
 @pytest.mark.slow
-def test_imagenet_init_takes_the_backbone_from_keras_weights(
-    mnist_dir, keras_weights, tmp_path):
+def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
+                                                            tmp_path):
   from mnist_resnet import pretrained
   from mnist_resnet import train
   path, keras_values = keras_weights
@@ -318,38 +365,85 @@ def test_imagenet_init_takes_the_backbone_from_keras_weights(
     np.testing.assert_array_equal(
         state.batch_stats["backbone"]["conv5_block3_3_bn"]["var"], moving_var)
 
-  check(_default_config(mnist_dir, path))
+  check(_default_config(path))
   # The same weights through `python -m mnist_resnet.convert`'s output.
   out = tmp_path / "converted"
   subprocess.run([sys.executable, "-m", "mnist_resnet.convert",
                   f"--keras_weights={path}", f"--out={out}"], cwd=REPO_ROOT,
                  check=True, capture_output=True)
-  check(_default_config(mnist_dir, out))
+  check(_default_config(out))
 
 
 @pytest.mark.slow
 def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
                                                      tmp_path):
-  path, _ = keras_weights
-  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
-            f"--config.pretrained_weights={path}", "--config.batch_size=32",
-            "--config.num_train_steps=3", "--config.log_every_steps=1",
-            "--config.eval_batch_size=2000",
+  """Three steps of the main job from a Keras file: the whole network
+  trains (backbone and head move) and the BatchNorm statistics follow
+  MNIST's."""
+  from mnist_resnet import checkpoint as checkpoint_lib
+  from mnist_resnet import train
+  path, keras_values = keras_weights
+  args = (f"--config.pretrained_weights={path}", "--config.batch_size=32",
+          "--config.num_train_steps=3", "--config.log_every_steps=1",
+          "--config.eval_batch_size=2000")
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}", *args,
             config=str(REPO_ROOT / "configs" / "default.py"))
   r = results(tmp_path)
   assert r["config"]["init"] == "imagenet" and r["eval_examples"] == 10000
-  assert np.isfinite(r["final_train_loss"])
+  losses = [m["train_loss"] for m in metrics(tmp_path) if "train_loss" in m]
+  assert len(losses) == 3 and np.all(np.isfinite(losses))
+
+  config = _default_config(path, mnist_dir)
+  config.batch_size, config.num_train_steps = 32, 3
+  program = train.build_program(config, 60000)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"),
+                                     max_to_keep=3)
+  state = jax.device_get(ckpt.restore(3, program.abstract_state()))
+  ckpt.close()
+  kernel = keras_values["conv1_conv/kernel"]
+  trained = state.params["backbone"]["conv1_conv"]["kernel"]
+  assert np.all(np.isfinite(trained)) and not np.array_equal(trained, kernel)
+  start = jax.device_get(program.initial_state(str(path)))
+  assert not np.array_equal(state.params["head"]["logits"]["kernel"],
+                            start.params["head"]["logits"]["kernel"])
+  mean = keras_values["conv1_bn/moving_mean"]
+  assert not np.allclose(state.batch_stats["backbone"]["conv1_bn"]["mean"],
+                         mean)
 
 
-def test_missing_pretrained_file_is_one_line_exit_2(mnist_dir, tmp_path):
+def test_weights_that_do_not_fit_are_one_line_exit_2(mnist_dir, keras_weights,
+                                                     tmp_path):
+  """A ResNet50 file given to a ResNet101: the layer it lacks is named."""
+  path, _ = keras_weights
   proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+                   f"--config.pretrained_weights={path}",
+                   "--config.model=resnet101",
+                   config=str(REPO_ROOT / "configs" / "default.py"),
+                   check=False, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  # ResNet50's stage 4 has 6 blocks, ResNet101's 23.
+  block = re.search(r": layer conv4_block(\d+)_\d_(conv|bn) is missing from "
+                    r"the file", errors[0])
+  assert errors[0].startswith(f"error: {path}: ") and block, errors[0]
+  assert int(block[1]) > 6
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_pretrained_file_is_one_line_exit_2(tmp_path):
+  """Rejected before any data is read (the data directory does not exist)."""
+  proc = run_train(tmp_path, f"--config.data_dir={tmp_path / 'no_data'}",
+                   "--config.download=false",
                    f"--config.pretrained_weights={tmp_path}/nope.h5",
                    config=str(REPO_ROOT / "configs" / "default.py"),
                    check=False, timeout=120)
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith("error: ") and "nope.h5" in lines[0]
+  assert lines[0] == (f"error: config.pretrained_weights='{tmp_path}/nope.h5'"
+                      ": no such file or directory")
 
 
 def test_imagenet_weights_unavailable_is_one_line_exit_2(mnist_dir, tmp_path):

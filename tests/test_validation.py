@@ -63,3 +63,17 @@ def test_batch_larger_than_the_data():
   with pytest.raises(ConfigError, match="config.batch_size=128: larger than "
                      "the 100 training images"):
     validation.validate_batch_fits(_smoke(batch_size=128), 100)
+
+
+def test_readme_config_table_lists_every_config():
+  """The README's table of configs names exactly the files in configs/."""
+  import re
+  from conftest import REPO_ROOT
+  readme = (REPO_ROOT / "README.md").read_text()
+  table = readme[readme.index("| config | what it is |"):]
+  table = table[:table.index("\n\n")]
+  named = set(re.findall(r"`(\w+)\.py`", table))
+  files = {p.stem for p in (REPO_ROOT / "configs").glob("*.py")} - {
+      "__init__"}
+  assert named == files
+  assert set(SHIPPED) | {"benchmark"} == files
