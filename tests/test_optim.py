@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mnist_resnet import models
@@ -19,8 +20,10 @@ def flat(tree):
 @pytest.fixture(scope="module")
 def tiny_params():
   model = models.create_model("resnet_tiny")
-  return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                    train=False)["params"]
+  # Jitted: op-by-op initialisation of the ResNet is several times slower.
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)),
+                                        train=False)["params"])(
+                                            jax.random.key(0))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -34,7 +37,7 @@ def test_weight_decay_reaches_kernels_only(optimizer, tiny_params):
       backbone_lr_multiplier=0.5)
   params = jax.device_get(tiny_params)
   grads = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   moved = {k: bool(np.any(np.asarray(u) != 0))
            for k, u in flat(updates).items()}
   kernels = {k for k in moved if k.endswith("['kernel']")}
@@ -67,3 +70,93 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_head_only_trains_the_head():
   assert optim.trainable_groups("head") == ("head",)
   assert optim.trainable_groups("all") == ("backbone", "head")
+
+
+def sgd(*, nesterov=False, momentum=0.9, grad_clip_norm=0.0, lr=0.5,
+        groups=("head",), backbone_lr_multiplier=1.0):
+  """The project's SGD at a constant learning rate, no weight decay."""
+  return optim.create_optimizer(
+      optax.constant_schedule(lr), optimizer="sgd", groups=groups,
+      weight_decay=0.0, momentum=momentum, nesterov=nesterov,
+      backbone_lr_multiplier=backbone_lr_multiplier,
+      grad_clip_norm=grad_clip_norm)
+
+
+def run_steps(tx, params, grads_per_step):
+  state = tx.init(params)
+  out = []
+  for grads in grads_per_step:
+    updates, state = tx.update(grads, state, params)
+    out.append(jax.device_get(updates))
+  return out
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_and_nesterov_follow_the_formulas(nesterov):
+  """optax's SGD with momentum m: trace_t = g_t + m * trace_{t-1};
+  update_t = -lr * trace_t, or with Nesterov -lr * (g_t + m * trace_t).
+  Both groups, the backbone at its learning-rate multiplier."""
+  lr, m, mult = 0.5, 0.9, 0.25
+  g1 = np.array([1.0, -2.0, 0.5], np.float32)
+  g2 = np.array([-3.0, 1.0, 4.0], np.float32)
+  params = {"backbone": {"w": np.zeros(3, np.float32)},
+            "head": {"w": np.zeros(3, np.float32)}}
+  grads = [{"backbone": {"w": g}, "head": {"w": g}} for g in (g1, g2)]
+  tx = sgd(nesterov=nesterov, momentum=m, lr=lr,
+           groups=optim.trainable_groups("all"), backbone_lr_multiplier=mult)
+  u1, u2 = run_steps(tx, params, grads)
+  trace1 = g1
+  trace2 = g2 + m * trace1
+  if nesterov:
+    want = [-lr * (g1 + m * trace1), -lr * (g2 + m * trace2)]
+  else:
+    want = [-lr * trace1, -lr * trace2]
+  for got, expected in zip((u1, u2), want):
+    np.testing.assert_allclose(got["head"]["w"], expected, rtol=1e-6)
+    np.testing.assert_allclose(got["backbone"]["w"], mult * expected,
+                               rtol=1e-6)
+
+
+def test_nesterov_changes_the_update():
+  g = {"head": {"w": np.ones(2, np.float32)}}
+  params = {"head": {"w": np.zeros(2, np.float32)}}
+  (plain,) = run_steps(sgd(nesterov=False), params, [g])
+  (nest,) = run_steps(sgd(nesterov=True), params, [g])
+  # First step: -lr * g vs -lr * (1 + m) * g.
+  np.testing.assert_allclose(nest["head"]["w"], 1.9 * plain["head"]["w"],
+                             rtol=1e-6)
+
+
+# A gradient of global norm 10 spread over both groups: 6 and 8.
+CLIP_GRADS = {"backbone": {"w": np.array([6.0, 0.0], np.float32)},
+              "head": {"w": np.array([0.0, 8.0], np.float32)}}
+
+
+@pytest.mark.parametrize("clip", [1.0, 2.5])
+def test_grad_clip_scales_to_the_global_norm_before_the_optimizer(clip):
+  """Plain SGD (no momentum): the update is -lr * g * clip / |g|, the same
+  factor for every leaf (a global norm, not one per leaf)."""
+  lr = 0.5
+  params = jax.tree.map(np.zeros_like, CLIP_GRADS)
+  (updates,) = run_steps(
+      sgd(momentum=0.0, grad_clip_norm=clip, lr=lr,
+          groups=optim.trainable_groups("all")), params, [CLIP_GRADS])
+  for group in ("backbone", "head"):
+    np.testing.assert_allclose(updates[group]["w"],
+                               -lr * CLIP_GRADS[group]["w"] * clip / 10.0,
+                               rtol=1e-6)
+  np.testing.assert_allclose(float(optax.global_norm(updates)), lr * clip,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 10.5, 100.0])
+def test_grad_clip_does_nothing_at_or_below_the_threshold(clip):
+  """0 disables clipping; a norm below the threshold passes unchanged."""
+  lr = 0.5
+  params = jax.tree.map(np.zeros_like, CLIP_GRADS)
+  (updates,) = run_steps(
+      sgd(momentum=0.0, grad_clip_norm=clip, lr=lr,
+          groups=optim.trainable_groups("all")), params, [CLIP_GRADS])
+  for group in ("backbone", "head"):
+    np.testing.assert_allclose(updates[group]["w"],
+                               -lr * CLIP_GRADS[group]["w"], rtol=1e-6)
