@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO_ROOT
 from test_train import EQUIVALENCE_ARGS as ARGS
 from test_train import SMOKE, assert_same_training, metrics, results
-from test_train import run_train
+from test_train import logged_steps, run_train
 
 
 def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
@@ -39,15 +39,6 @@ def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
     return proc
   proc.wait(timeout=timeout + 30)
   return proc
-
-
-def logged_steps(workdir) -> list[int]:
-  """Steps in metrics.jsonl so far (complete lines only)."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(l)["step"] for l in path.read_text().splitlines(True)
-          if l.endswith("\n")]
 
 
 def process_log(workdir, i) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from test_train import SMOKE, results, run_train
+from test_train import SMOKE, logged_steps, results, run_train
 
 PREEMPTED = 75
 STEPS = 200
@@ -62,15 +61,6 @@ def wait_for(predicate, proc, timeout=300.0, poll=0.02):
 NO_PERIODIC_SAVE_ARGS = tuple(
     a for a in ARGS if not a.startswith("--config.checkpoint_every_steps=")
 ) + ("--config.checkpoint_every_steps=100000",)
-
-
-def logged_steps(workdir) -> list[int]:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  # A line being written may be incomplete; only complete ones count.
-  return [json.loads(l)["step"] for l in path.read_text().splitlines(True)
-          if l.endswith("\n")]
 
 
 @pytest.mark.slow

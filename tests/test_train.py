@@ -45,6 +45,16 @@ def metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in lines]
 
 
+def logged_steps(workdir) -> list[int]:
+  """Steps in metrics.jsonl so far: complete lines only (one being written
+  may be cut off)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(l)["step"] for l in path.read_text().splitlines(True)
+          if l.endswith("\n")]
+
+
 def tensorboard_scalars(workdir) -> dict[int, dict[str, float]]:
   """step -> {tag: value} from every TensorBoard event file in `workdir`."""
   import tensorflow as tf
