@@ -38,7 +38,7 @@ from mnist_resnet import parallel
 from mnist_resnet import reporting
 from mnist_resnet import train
 from mnist_resnet import validation
-from mnist_resnet.errors import ConfigError
+from mnist_resnet.errors import ConfigError, TrainingError
 
 # Batches pulled before timing: the pipeline's threads, autotuning and
 # prefetch buffers settle during these.
@@ -272,8 +272,13 @@ def benchmark_step(config: ml_collections.ConfigDict,
   finally:
     ready = clock.close()
   times = _step_seconds(ready, warmup, steps)
-  if not np.isfinite(float(metrics["train_loss"])):
-    raise AssertionError("the benchmarked step produced a non-finite loss")
+  loss = float(metrics["train_loss"])
+  if not np.isfinite(loss):
+    # A config that diverges (a huge learning rate): the user's to fix.
+    raise TrainingError(
+        f"the benchmarked train step diverged: train loss {loss} after "
+        f"{warmup + steps} steps; lower config.learning_rate (now "
+        f"{config.learning_rate!r})")
   if config.profile_dir:
     path = os.path.join(str(config.profile_dir), _run_name("step", config))
     # The .xplane.pb is for TensorBoard's profile plugin, the

@@ -1,15 +1,20 @@
 """Shared plumbing of the command-line entry points.
 
-A user-caused problem (bad flag, bad config value, broken file) ends the
-program with one line on stderr and exit code 2; no traceback.
+A user-caused problem (bad flag, bad config value, broken file, a disk that
+is full or read-only) ends the program with one line on stderr and exit code
+2; no traceback. A program that ends with an error ends at once, whatever
+library threads are still waiting (`exit_process`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging as py_logging
 import os
 import sys
+import threading
+import traceback
 from typing import Any, Callable, NoReturn
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) says nothing a
@@ -20,7 +25,12 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from mnist_resnet import files
 from mnist_resnet.errors import EXIT_USER_ERROR, MnistResnetError
+
+# How long the exit handlers (JAX's shutdown of a multi-process run among
+# them) may take once a program has failed, before the process ends anyway.
+EXIT_HANDLERS_TIMEOUT_S = 60.0
 
 
 def fail(message: str) -> NoReturn:
@@ -30,11 +40,18 @@ def fail(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def user_errors():
-  """Turns MnistResnetError into one stderr line and exit code 2."""
+  """Turns MnistResnetError, and failed writes (disk full, read-only, ...:
+  `files.write_failure`, also when a library wraps them), into one stderr
+  line and exit code 2."""
   try:
     yield
   except MnistResnetError as e:
     fail(_first_line(e))
+  except Exception as e:  # pylint: disable=broad-except
+    failure = files.write_failure(e)
+    if failure is None:
+      raise
+    fail(_first_line(failure))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -97,6 +114,50 @@ class _ProcessTag(py_logging.Filter):
     return True
 
 
+class _ReportedWriteErrors(py_logging.Filter):
+  """Drops orbax's error logs (with tracebacks, one per background thread)
+  for a failed write: the same error reaches the main thread, which reports
+  it in one line."""
+
+  _ORBAX = os.sep + "orbax" + os.sep
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.ERROR or self._ORBAX not in record.pathname:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None:
+      error = Exception(record.getMessage())
+    return files.write_failure(error) is None
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  return (isinstance(unraisable.exc_value, RuntimeError) and
+          str(unraisable.exc_value) == "Event loop is closed")
+
+
+def quiet_failed_writes() -> None:
+  """Keeps a failed write to the one line the main thread reports.
+
+  Orbax logs the error once per background thread, with a traceback
+  (_ReportedWriteErrors drops those, on absl's logger, whichever handler
+  prints it); then tensorstore completes the failed save's other writes on
+  its event loop, closed by then, and each callback reports "Event loop is
+  closed" through sys.unraisablehook: dozens of tracebacks that say nothing.
+  """
+  logger = py_logging.getLogger("absl")
+  if not any(isinstance(f, _ReportedWriteErrors) for f in logger.filters):
+    logger.addFilter(_ReportedWriteErrors())
+  previous = sys.unraisablehook
+  if getattr(previous, "_quiet_failed_writes", False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+  hook._quiet_failed_writes = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def tag_logs_with_process() -> None:
   """Call once the process count is known (after distributed start-up)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -109,11 +170,70 @@ def setup_logging() -> None:
   """INFO logging for the project, quiet libraries."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_failed_writes()
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run` with one-line flag errors (exit 2) and quiet libraries."""
+def _flush() -> None:
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # Closed, or a full disk under a redirect.
+      pass
+  for handler in py_logging.getLogger().handlers:
+    try:
+      handler.flush()
+    except (OSError, ValueError):
+      pass
+
+
+def _exit_code(code: Any) -> int:
+  """The exit status `sys.exit(code)` gives (None: 0, text: printed, 1)."""
+  if code is None:
+    return 0
+  if isinstance(code, int):
+    return code & 0xFF
+  print(code, file=sys.stderr)
+  return 1
+
+
+def exit_process(code: int) -> NoReturn:
+  """Ends the process with `code`.
+
+  Success exits normally: the interpreter waits for every thread, so work
+  still in flight finishes. A failure has been reported by now, and waiting
+  could be forever: orbax's background threads wait for a save that failed,
+  and they are not daemon threads. So the exit handlers (JAX's, which end a
+  multi-process run together) run, within EXIT_HANDLERS_TIMEOUT_S, and the
+  process ends with os._exit. Noise of objects collected at shutdown, after
+  the one-line error, is dropped.
+  """
+  if code == 0:
+    sys.exit(0)
+  _flush()
+  sys.unraisablehook = lambda unraisable: None
+  watchdog = threading.Timer(EXIT_HANDLERS_TIMEOUT_S, os._exit, (code,))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  finally:
+    _flush()
+    os._exit(code)
+
+
+def run(main: Callable[[list[str]], None]) -> NoReturn:
+  """`absl.app.run` with one-line flag errors (exit 2), quiet libraries, and
+  an exit that no leftover thread can hold up after a failure."""
   def wrapped(argv):
     setup_logging()
     main(argv)
-  app.run(wrapped, flags_parser=_parse_flags)
+  try:
+    app.run(wrapped, flags_parser=_parse_flags)
+  except SystemExit as e:
+    exit_process(_exit_code(e.code))
+  except KeyboardInterrupt:
+    raise  # Python's own exit for SIGINT (status 130 in a shell).
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()  # A bug: its traceback, exit status 1.
+    exit_process(1)
+  exit_process(0)

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnist_resnet import keras_h5, keras_parity, models, pretrained
+from mnist_resnet import cli, files, keras_h5, keras_parity, models, pretrained
 from mnist_resnet.errors import EXIT_USER_ERROR, ConfigError, MnistResnetError
 
 
@@ -36,12 +36,14 @@ def _backbone(variables: Mapping[str, Any]) -> dict[str, Any]:
 def convert(keras_weights: str, model_name: str = "resnet50"
             ) -> tuple[dict[str, Any], str, str]:
   """Backbone variables from a Keras file (or 'imagenet'), its path, layout."""
+  # The file first: a missing one is reported before the model is traced.
+  path = (pretrained.imagenet_weights_path(
+      model_name, local_hint="--keras_weights=PATH")
+          if keras_weights == "imagenet" else os.path.expanduser(keras_weights))
+  _, layout = keras_h5.read_keras_weights(path)
   model = models.create_model(model_name)
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  path = (pretrained.imagenet_weights_path(model_name)
-          if keras_weights == "imagenet" else os.path.expanduser(keras_weights))
-  _, layout = keras_h5.read_keras_weights(path)
   variables = pretrained.load_keras_weights(path, abstract)
   return _backbone(variables), path, layout
 
@@ -89,11 +91,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = keras_parity.verify(pretrained.restore_variables(out),
                                  args.model, path, layout)
   except MnistResnetError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return _user_error(e)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = files.write_failure(e)  # Disk full, read-only, ...
+    if failure is None:
+      raise
+    return _user_error(failure)
   print(json.dumps(report))
   return 0 if report["max_rel_diff"] <= keras_parity.VERIFY_TOLERANCE else 1
 
 
+def _user_error(e: Exception) -> int:
+  print(f"error: {e}", file=sys.stderr, flush=True)
+  return EXIT_USER_ERROR
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.quiet_failed_writes()
+  # A failed save leaves orbax threads that never end: exit_process ends
+  # the process anyway.
+  cli.exit_process(main())

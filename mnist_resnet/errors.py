@@ -7,6 +7,8 @@ that names the file or key and what is wrong. Entry points (`train.py`,
 everything else is a bug and keeps its traceback.
 """
 
+import signal
+
 EXIT_USER_ERROR = 2
 
 
@@ -26,8 +28,22 @@ class WeightsError(MnistResnetError):
   """A pretrained weight file is missing, unreadable or does not fit the model."""
 
 
+class WriteError(MnistResnetError):
+  """A file cannot be written: disk full, out of inodes, read-only, no
+  permission, a path through a regular file."""
+
+
 class TrainingError(MnistResnetError):
   """Training cannot go on (for example a non-finite loss)."""
+
+
+class Diverged(TrainingError):
+  """The loss computed from the parameters of step `step - 1` is not finite:
+  that state, and any checkpoint of it, is not good."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 # Exit code of a run stopped by a preemption notice (SIGTERM) after saving a
@@ -37,9 +53,12 @@ EXIT_PREEMPTED = 75
 
 
 class Preempted(Exception):
-  """Raised once a preemption checkpoint is on disk; not a user error."""
+  """Raised once the checkpoint of a run stopped by a signal is on disk (SIGTERM
+  or Ctrl-C, see preemption.py); not a user error."""
 
-  def __init__(self, step: int):
-    super().__init__(f"preempted: checkpoint saved at step {step}; rerun the "
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
+    reason = "interrupted" if signum == signal.SIGINT else "preempted"
+    super().__init__(f"{reason}: checkpoint saved at step {step}; rerun the "
                      "same command to continue")
     self.step = step
+    self.signum = signum

@@ -18,12 +18,12 @@ import gzip
 import os
 import pathlib
 import struct
-import tempfile
 import zlib
 from typing import Iterator, NamedTuple, Union
 
 import numpy as np
 
+from mnist_resnet import files
 from mnist_resnet.errors import DataError
 
 PathLike = Union[str, os.PathLike]
@@ -252,6 +252,7 @@ def write_idx(path: PathLike, array: np.ndarray, *,
 
   The file appears atomically (written beside it, then renamed), so a reader
   or an interrupted run never sees a half-written file under the final name.
+  Its mode is the usual one for new files (0o666 less the umask).
 
   Raises:
     ValueError: the array's dtype or shape cannot be stored as idx.
@@ -271,8 +272,7 @@ def write_idx(path: PathLike, array: np.ndarray, *,
   data = np.ascontiguousarray(array, dtype=native.newbyteorder(">"))
 
   path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
+  fd, tmp = files.create_temp(path.parent, f".{path.name}.", ".tmp")
   try:
     with os.fdopen(fd, "wb") as raw:
       if path.name.endswith(".gz"):

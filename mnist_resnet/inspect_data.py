@@ -6,8 +6,9 @@ Reads and validates the four idx files exactly as training does and prints
 one JSON object: per split the example count, image shape, label histogram
 and mean pixel value; per file its path, md5 and whether its content is the
 official MNIST file (a rebuilt or modified copy loads fine but says false
-here). A missing or broken file is one `error: ...` line on stderr and exit
-code 2. Nothing is downloaded unless --download is given.
+here). A missing or broken file, or a split with no images (which training
+refuses too), is one `error: ...` line on stderr and exit code 2. Nothing is
+downloaded unless --download is given.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def inspect(data_dir: str, *, download: bool = False) -> dict[str, Any]:
                              download_hint="pass --download")
   # Checksums are reported in the output; no warnings on stderr for them.
   splits = mnist.load_mnist(data_dir, download=False, check_md5=False)
+  # An empty split has no mean pixel (NaN is not JSON), and training
+  # rejects it: say so here, the check before a long run.
+  mnist.check_not_empty(splits, data_dir)
   report: dict[str, Any] = {"data_dir": str(pathlib.Path(data_dir)),
                             "splits": {}, "files": {}}
   for name, split in splits.items():

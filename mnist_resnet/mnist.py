@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import os
 import pathlib
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -25,6 +24,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from mnist_resnet import files
 from mnist_resnet import idx
 from mnist_resnet.errors import DataError
 
@@ -89,8 +89,8 @@ def _fetch(url: str, directory: pathlib.Path, filename: str,
   download never leaves a file that a later run would trust.
   """
   try:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.",
-                               suffix=".part")
+    # Not mkstemp: its 0600 would stay on the renamed file.
+    fd, tmp = files.create_temp(directory, f".{filename}.", ".part")
   except OSError as e:
     raise DataError(f"{directory}: cannot write a download there: "
                     f"{_one_line(e.strerror or e)}") from e
@@ -248,6 +248,16 @@ def _check_split(images: np.ndarray, labels: np.ndarray,
     raise DataError(f"{labels_path}: label {labels[bad[0]]} at index "
                     f"{bad[0]} is outside 0..{NUM_CLASSES - 1} ({bad.size} "
                     "such labels)")
+
+
+def check_not_empty(splits: Mapping[str, Split],
+                    data_dir: os.PathLike | str) -> None:
+  """Raises DataError naming the images file of the first split that holds
+  no images: valid idx files, but nothing to train or evaluate on."""
+  for split, (images_name, _) in SPLIT_FILES.items():
+    if split in splits and not len(splits[split].labels):
+      path = locate_files(data_dir, download=False)[images_name]
+      raise DataError(f"{path}: the {split} split holds 0 images")
 
 
 def load_mnist(data_dir: os.PathLike | str, *, download: bool = False,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_resnet import keras_h5, tf_host
+from mnist_resnet import files, keras_h5, tf_host
 from mnist_resnet.errors import ConfigError, WeightsError
 
 # Our model name -> its builder in `keras.applications`.
@@ -113,11 +113,15 @@ def load_keras_weights(path: str, variables: Mapping[str, Any]
   return result
 
 
-def imagenet_weights_path(model_name: str = "resnet50") -> str:
+def imagenet_weights_path(
+    model_name: str = "resnet50",
+    local_hint: str = "--config.pretrained_weights=PATH") -> str:
   """Local path of Keras's ImageNet notop file, downloaded by Keras if needed.
 
   Keras's cache (~/.keras/models, or $KERAS_HOME/models) is used so a file
   already fetched by `keras.applications` is found without network access.
+  `local_hint` is the caller's flag for a local file, named when the
+  download fails.
   """
   if model_name not in _IMAGENET_NOTOP_MD5:
     raise ConfigError(f"Keras has no ImageNet weights for {model_name!r}; "
@@ -133,7 +137,7 @@ def imagenet_weights_path(model_name: str = "resnet50") -> str:
     raise WeightsError(
         f"could not download Keras's ImageNet "
         f"{KERAS_APPLICATIONS[model_name]} weights ({reason}): pass a local "
-        "file with --config.pretrained_weights=PATH (the file Keras caches as "
+        f"file with {local_hint} (the file Keras caches as "
         f"~/.keras/models/{file_name})") from None
 
 
@@ -152,12 +156,15 @@ def resolve_weights(pretrained_weights: str, model_name: str) -> str:
 
 def require_new_directory(out_dir: str) -> str:
   """Absolute `out_dir`, which must not exist or be an empty directory: a
-  conversion never overwrites anything."""
+  conversion never overwrites anything. Its parent must be writable (checked
+  before any work)."""
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir)
                                   or os.listdir(out_dir)):
     raise ConfigError(f"--out {out_dir} already exists and is not empty; "
                       "refusing to overwrite it")
+  # Orbax writes a sibling temporary directory, then renames it to out_dir.
+  files.check_writable_dir(os.path.dirname(out_dir), f"--out {out_dir}")
   return out_dir
 
 
@@ -176,9 +183,12 @@ def save_variables(variables: Mapping[str, Any], out_dir: str) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(out_dir, dict(variables))
       checkpointer.wait_until_finished()
-  except OSError as e:
-    raise ConfigError(f"--out {out_dir}: cannot write the checkpoint "
-                      f"({' '.join(str(e).split())[:200]})") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Disk full or read-only: tensorstore reports some as ValueError.
+    failure = files.write_failure(e)
+    if failure is None:
+      raise
+    raise failure from None
 
 
 def restore_variables(out_dir: str, target: Any = None) -> dict[str, Any]:

@@ -232,6 +232,19 @@ def test_bad_benchmark_keys_are_config_errors(tmp_path, args, message):
 # In-process pieces.
 
 
+def test_step_that_diverges_is_one_line_exit_2():
+  result = _run(*FAST, "--config.mode=step", "--config.batch_size=8",
+                "--config.image_size=28", "--config.learning_rate=1e36",
+                "--config.warmup_steps=0")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: the benchmarked train step diverged: train loss nan after 4 "
+      "steps; lower config.learning_rate (now 1e+36)")
+  assert [l for l in result.stderr.splitlines() if l.startswith("error:")
+          ] == [result.stderr.strip().splitlines()[-1]]
+
+
 def test_peak_table():
   assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
   assert flops.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756

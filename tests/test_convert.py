@@ -4,6 +4,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import h5py
 import jax
@@ -164,3 +165,20 @@ def test_verify_needs_a_keras_model(tmp_path, capsys):
                              f"--out={tmp_path / 'out'}", "--model=resnet_tiny",
                              "--verify")
   assert code == 2 and len(stderr) == 1 and "resnet_tiny" in stderr[0]
+
+
+def test_offline_imagenet_hint_names_the_convert_flag(tmp_path, capsys,
+                                                      monkeypatch):
+  """Offline, the message says how to give convert a local file: its own
+  --keras_weights, not training's --config.pretrained_weights."""
+  def no_network():
+    raise OSError("URL fetch failure: Temporary failure in name resolution")
+  monkeypatch.setattr(tf_host, "import_keras", lambda: types.SimpleNamespace(
+      utils=types.SimpleNamespace(get_file=lambda *a, **k: no_network())))
+  code, stdout, stderr = run_main(capsys, "--keras_weights=imagenet",
+                                  f"--out={tmp_path / 'out'}")
+  assert code == 2 and stdout == [] and len(stderr) == 1
+  assert "pass a local file with --keras_weights=PATH (the file Keras " in (
+      stderr[0])
+  assert "pretrained_weights" not in stderr[0]
+  assert not (tmp_path / "out").exists()

@@ -7,8 +7,10 @@ code path that protects real downloads is exercised without the network.
 import functools
 import hashlib
 import http.server
+import os
 import pathlib
 import socket
+import stat
 import threading
 
 import numpy as np
@@ -111,6 +113,20 @@ def test_only_missing_files_are_fetched(tmp_path, fixtures, official_md5,
   assert len(_listing(target)) == 4
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_downloads_get_the_mode_of_new_files(tmp_path, official_md5, server,
+                                             umask):
+  """0o666 less the umask, as any new file; not mkstemp's 0600."""
+  previous = os.umask(umask)
+  try:
+    paths = mnist.locate_files(tmp_path / "d", download=True,
+                               mirrors=[server + "/mnist/"])
+  finally:
+    os.umask(previous)
+  for path in paths.values():
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
 def test_wrong_checksum_rejected_and_nothing_left(tmp_path, official_md5,
                                                   server, monkeypatch):
   monkeypatch.setitem(mnist.GZ_MD5, mnist.TRAIN_LABELS, "0" * 32)
@@ -159,7 +175,7 @@ def test_unwritable_directory_is_a_data_error(tmp_path, official_md5, server,
                                               monkeypatch):
   def refuse(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
-  monkeypatch.setattr(mnist.tempfile, "mkstemp", refuse)
+  monkeypatch.setattr(mnist.files, "create_temp", refuse)
   with pytest.raises(DataError, match="cannot write a download there: "
                      "Permission denied"):
     mnist.locate_files(tmp_path, download=True, mirrors=[server + "/mnist/"])

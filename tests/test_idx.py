@@ -2,7 +2,9 @@
 
 import gzip
 import io
+import os
 import pathlib
+import stat
 import struct
 import tracemalloc
 
@@ -263,3 +265,16 @@ def test_short_raw_file_message(tmp_path):
     idx.read_idx(path)
   assert str(info.value) == (f"{path}: header promises 47040000 data bytes "
                              "but the file holds 1000")
+
+
+@pytest.mark.parametrize("name", ["plain-idx1-ubyte", "packed-idx1-ubyte.gz"])
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_of_new_files(tmp_path, name, umask):
+  """0o666 less the umask, as any new file; not mkstemp's 0600."""
+  previous = os.umask(umask)
+  try:
+    idx.write_idx(tmp_path / name, np.arange(5, dtype=np.uint8))
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+  assert [p.name for p in tmp_path.iterdir()] == [name]  # No temporary left.

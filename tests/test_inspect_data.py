@@ -9,6 +9,10 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from mnist_resnet import idx
 from mnist_resnet import mnist
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -106,3 +110,19 @@ def test_missing_dir_exit_2(tmp_path):
   assert lines[0].startswith("error: missing train-images-idx3-ubyte")
   assert lines[0].endswith("or pass --download")
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_empty_split_is_one_line_exit_2(tmp_path, empty):
+  """Valid idx files with 0 images: training refuses them, so the check
+  before a long run does too (its mean pixel would be NaN, not JSON)."""
+  for split, (images, labels) in mnist.SPLIT_FILES.items():
+    n = 0 if split == empty else 10
+    idx.write_idx(tmp_path / images, np.zeros((n, 28, 28), np.uint8))
+    idx.write_idx(tmp_path / labels, np.zeros(n, np.uint8))
+  result = _run(f"--data_dir={tmp_path}")
+  assert result.returncode == 2
+  assert result.stdout == ""
+  images = mnist.SPLIT_FILES[empty][0]
+  assert result.stderr == (f"error: {tmp_path / images}: the {empty} split "
+                           "holds 0 images\n")
