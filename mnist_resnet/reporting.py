@@ -14,37 +14,63 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Iterator, Mapping
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
-from mnist_resnet import tf_host
-from mnist_resnet.errors import TrainingError
+from mnist_resnet import rundir
+from mnist_resnet import tb_events
+from mnist_resnet.errors import Diverged
 
 # A profile starts this many steps after the run (re)starts, or halfway
 # through a shorter run: compiling and the first steps are not steady state.
 PROFILE_START_AFTER = 10
 
+# metrics.jsonl and the event file are rewritten whole at most this often
+# while steps are logged: Cloud Storage takes about one write per second to
+# an object, and each rewrite costs the file's size. The same policy holds
+# for local files (one code path); what it delays is at most the rows after
+# the latest checkpoint, which a resume drops anyway (flush() at each save).
+WRITE_INTERVAL_S = 10.0
+
 
 class Reporter:
-  """Writes scalars for one run. Create one per process; only `writes` do."""
+  """Writes scalars for one run. Create one per process; only `writes` do.
 
-  def __init__(self, workdir: str, *, writes: bool, total_steps: int,
-               start_step: int):
+  metrics.jsonl starts as the rows of steps <= `start_step` that the workdir
+  already holds (a resume from an older checkpoint trains the later steps
+  again, and must not repeat them), and is written whole, like the event
+  file: object stores cannot append. Both are written at most every
+  WRITE_INTERVAL_S, and on `flush()` (the loop calls it at each checkpoint)
+  and `close()`.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, writes: bool,
+               total_steps: int, start_step: int):
     self.writes = writes
-    self._jsonl = None
-    self._tb = None
     self._bar = None
+    self._events = None
+    self._rows: list[str] = []
+    self._dirty = False
+    self._last_write = -math.inf
     if writes:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tf = tf_host.import_tensorflow()
-      self._tb = self._tf.summary.create_file_writer(workdir)
+      path = rundir.workdir_path(workdir)
+      self._jsonl = path / "metrics.jsonl"
+      self._rows, self._dirty = _rows_upto(self._jsonl, start_step)
+      self._events = tb_events.EventWriter(path)
+      # TensorBoard's event reader (purge_orphaned_data, on by default)
+      # then drops what older event files say about the steps this run
+      # trains again.
+      self._events.restart(start_step + 1)
       if sys.stderr.isatty():
         import tqdm  # pylint: disable=g-import-not-at-top
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
@@ -53,19 +79,26 @@ class Reporter:
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """Records one logged step: TensorBoard, one JSON line, one log line."""
     values = {k: float(v) for k, v in values.items()}
-    if self._jsonl is not None:
-      self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-      self._jsonl.flush()
-    if self._tb is not None:
-      with self._tb.as_default(step=step):
-        for k, v in values.items():
-          self._tf.summary.scalar(k, v)
-      self._tb.flush()
+    if self._events is not None:
+      self._rows.append(json.dumps({"step": step, **values}) + "\n")
+      self._events.scalars(step, values)
+      self._dirty = True
+      if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
+        self.flush()
     text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
     if self._bar is not None:
       self._bar.write(f"step {step}: {text}")
     else:
       logging.info("step %d: %s", step, text)
+
+  def flush(self) -> None:
+    """Writes metrics.jsonl and the event file, if anything is new."""
+    if self._events is None or not self._dirty:
+      return
+    rundir.write_atomic(self._jsonl, "".join(self._rows))
+    self._events.flush()
+    self._dirty = False
+    self._last_write = time.monotonic()
 
   def progress(self, step: int) -> None:
     if self._bar is not None:
@@ -75,10 +108,31 @@ class Reporter:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-    if self._tb is not None:
-      self._tb.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
+    self.flush()
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+
+def _rows_upto(path: epath.Path, step: int) -> tuple[list[str], bool]:
+  """The lines of metrics.jsonl at `path` for steps <= `step`, and whether
+  any other line was dropped."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return [], False
+  lines = text.splitlines()
+  rows = []
+  for line in lines:
+    try:
+      row_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      logging.warning("%s: dropped a line that is not a metrics row: %.80r",
+                      path, line)
+      continue
+    if row_step <= step:
+      rows.append(line + "\n")
+  return rows, len(rows) < len(lines)
 
 
 def _fmt(v: float) -> str:
@@ -86,14 +140,14 @@ def _fmt(v: float) -> str:
 
 
 def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
-  """Stops the run at the first step whose loss or gradient is not finite."""
+  """Stops the run at the first step whose loss or gradient is not finite:
+  they are computed from the parameters of the step before."""
   if not (np.isfinite(metrics["train_loss"]) and
           np.isfinite(metrics["grad_norm"])):
-    raise TrainingError(
+    raise Diverged(
         f"non-finite train loss or gradient at step {step} "
-        f"(loss={metrics['train_loss']}, grad_norm={metrics['grad_norm']}); "
-        "stopped without saving it, the latest checkpoint is the last good "
-        "one")
+        f"(loss={metrics['train_loss']}, grad_norm={metrics['grad_norm']})",
+        step)
 
 
 class TrainLog:
@@ -179,29 +233,49 @@ class ProfileWindow:
 
   Starts PROFILE_START_AFTER steps after `start_step` (or halfway through a
   shorter run) and stops after the window, or at the end of the run at the
-  latest, so a trace is written whatever the run's length.
+  latest, so a trace is written whatever the run's length. jax.profiler
+  writes local files only: for a remote `directory` (a bucket) the trace goes
+  to a local temporary directory, copied there at the stop, then deleted.
   """
 
-  def __init__(self, directory: str, *, num_steps: int, start_step: int,
-               total_steps: int):
-    self._directory = directory
+  def __init__(self, directory: str | os.PathLike, *, num_steps: int,
+               start_step: int, total_steps: int):
+    self._directory = epath.Path(directory)
     self._first = (start_step + 1 + min(PROFILE_START_AFTER,
                                         (total_steps - start_step) // 2)
                    if num_steps else -1)
     self._last = min(self._first + num_steps - 1, total_steps)
-    self._tracing = False
+    self._local: str | None = None  # Where the current trace is written.
 
   def before_step(self, step: int) -> None:
     if step == self._first:
-      jax.profiler.start_trace(self._directory)
-      self._tracing = True
+      if rundir.is_remote(self._directory):
+        self._local = tempfile.mkdtemp(prefix="mnist_resnet_profile_")
+      else:
+        self._local = os.fspath(self._directory)
+      jax.profiler.start_trace(self._local)
 
   def after_step(self, step: int, state: Any) -> None:
-    if self._tracing and step == self._last:
+    if self._local is not None and step == self._last:
       jax.block_until_ready(state)
       self.close()
 
   def close(self) -> None:
-    if self._tracing:
-      jax.profiler.stop_trace()
-      self._tracing = False
+    if self._local is None:
+      return
+    local, self._local = self._local, None
+    jax.profiler.stop_trace()
+    if rundir.is_remote(self._directory):
+      try:
+        _copy_tree(local, self._directory)
+      finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _copy_tree(local: str, remote: epath.Path) -> None:
+  for root, _, names in os.walk(local):
+    for name in names:
+      source = os.path.join(root, name)
+      relative = os.path.relpath(source, local)
+      with open(source, "rb") as f:
+        rundir.write_atomic(remote / relative, f.read())
