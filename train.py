@@ -3,15 +3,27 @@
     python train.py --config=configs/default.py --workdir=runs/default \\
         [--config.KEY=VALUE ...]
 
-All the work is in `mnist_resnet.train.train_and_evaluate`; this file parses
-flags, joins the other processes of a multi-host run, and maps outcomes to
-exit codes: 0 done; 2 a user error (one line on stderr: bad flag, config
-value or file, diverged loss); 75 preempted by SIGTERM after saving a
-checkpoint (rerun the same command to continue).
+All the work is in `mnist_resnet.train.train_and_evaluate`; this file owns
+the signals, parses flags, joins the other processes of a multi-host run, and
+maps outcomes to exit codes:
+
+  0    done (or already done: a finished workdir's results are left as they are)
+  2    a user error, one line on stderr: bad flag, config value or file, a
+       workdir in use or holding another run, a diverged loss
+  75   stopped by SIGTERM (preemption) after saving a checkpoint, or before
+       the first step: rerun the same command to continue
+  130  stopped by Ctrl-C, the same way; a second Ctrl-C exits at once
 """
 
 import sys
 
+# First, before anything slow (imports, data, compiling): from here on a
+# SIGTERM or Ctrl-C ends the run with its exit code, never a traceback.
+from mnist_resnet import preemption
+
+SIGNALS = preemption.StopSignals()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -21,31 +33,38 @@ from mnist_resnet import cli
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and results.json.")
+    "workdir", None, "Where checkpoints, metrics and results.json go: a "
+    "directory or a bucket location (gs://BUCKET/PATH).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  # pylint: disable=g-import-not-at-top
   from mnist_resnet import parallel
   from mnist_resnet import train
-  from mnist_resnet.errors import EXIT_PREEMPTED, Preempted
+  from mnist_resnet.errors import Preempted
   config = cli.config_value(_CONFIG)
-  with cli.user_errors():
-    # Before anything touches a device: join the other processes, if any.
-    parallel.initialize_distributed(
-        enabled=config.distributed,
-        coordinator_address=config.coordinator_address,
-        num_processes=config.num_processes, process_id=config.process_id)
-    cli.tag_logs_with_process()
-    try:
-      train.train_and_evaluate(config, _WORKDIR.value)
-    except Preempted as e:
-      logging.warning("%s", e)
-      sys.exit(EXIT_PREEMPTED)
+  try:
+    with cli.user_errors():
+      # Before anything touches a device: join the other processes, if any.
+      parallel.initialize_distributed(
+          enabled=config.distributed,
+          coordinator_address=config.coordinator_address,
+          num_processes=config.num_processes, process_id=config.process_id)
+      cli.tag_logs_with_process()
+      train.train_and_evaluate(config, _WORKDIR.value, signals=SIGNALS)
+  except Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.exit_code(e.signum))
+  except preemption.Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.exit_code(e.signum))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  try:
+    cli.run(main)
+  except preemption.Interrupted as e:  # During flag parsing.
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.exit_code(e.signum))

@@ -1,4 +1,4 @@
-"""Test-set evaluation: every test example counted exactly once.
+"""Evaluation on the test (or validation) split: every example counted once.
 
 An `Evaluator` is built once per run (jitted step, test pipeline) and called
 with a train state whenever the loop evaluates. Batches are padded to whole
@@ -55,12 +55,14 @@ def make_eval_step(model: models.ResNet,
 
 
 class Evaluator:
-  """Loss, accuracy and per-class accuracy of a state on one split."""
+  """Loss, accuracy and per-class accuracy of a state on one split; the
+  result's keys start with `name` ("test_accuracy", "validation_loss")."""
 
   def __init__(self, model: models.ResNet, model_input: preprocess.ModelInput,
                split: mnist.Split, *, batch_size: int,
-               mesh: jax.sharding.Mesh):
+               mesh: jax.sharding.Mesh, name: str = "test"):
     self._mesh = mesh
+    self.name = name
     rep = parallel.replicated(mesh)
     self._step = jax.jit(
         make_eval_step(model, model_input),
@@ -82,6 +84,9 @@ class Evaluator:
     sums = jax.device_get(sums)
     count = int(sums["count"])
     per_class = sums["class_correct"] / np.maximum(sums["class_count"], 1)
+    if self.name != "test":
+      return {f"{self.name}_accuracy": float(sums["correct"]) / count,
+              f"{self.name}_loss": float(sums["loss_sum"]) / count}
     return {
         "test_accuracy": float(sums["correct"]) / count,
         "test_loss": float(sums["loss_sum"]) / count,

@@ -1,12 +1,15 @@
 """Training and evaluation: the orchestration, in the order the work happens.
 
-  1. validate the config, load and check the data (nothing allocated yet);
-  2. build the program: mesh, model, optimizer, jitted train step;
-  3. restore the workdir's latest checkpoint, else initialise (pretrained
-     backbone or scratch);
-  4. the loop: per-process tf.data shard -> global array -> train step, with
-     periodic evaluation, asynchronous checkpoints and preemption;
-  5. results.json.
+  1. validate the config and the workdir (nothing allocated yet);
+  2. take the workdir: its lock, the saved config's check, a finished run's
+     results (returned untouched);
+  3. load and check the data, build the program: mesh, model, optimizer,
+     jitted train step;
+  4. restore the newest good checkpoint, else initialise (pretrained backbone
+     or scratch);
+  5. the loop: per-process tf.data shard -> global array -> train step, with
+     periodic evaluation, asynchronous checkpoints and signals;
+  6. the best checkpoint's figures, results.json.
 
 Data order, augmentation and dropout are pure functions of (seed, step), so a
 run resumed from a checkpoint ends with the same parameters as one that never
@@ -15,6 +18,7 @@ stopped (same config, same device count).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping
 
@@ -22,6 +26,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from mnist_resnet import checkpoint as checkpoint_lib
@@ -37,9 +42,10 @@ from mnist_resnet import preprocess
 from mnist_resnet import pretrained
 from mnist_resnet import reporting
 from mnist_resnet import rundir
+from mnist_resnet import runlock
 from mnist_resnet import steps
 from mnist_resnet import validation
-from mnist_resnet.errors import ConfigError, Preempted
+from mnist_resnet.errors import ConfigError, Diverged, Preempted, TrainingError
 
 # Called right after each train step is dispatched, metrics still on device.
 StepObserver = Callable[[int, Mapping[str, jax.Array]], None]
@@ -61,9 +67,29 @@ def eval_period(config: ml_collections.ConfigDict, num_examples: int) -> int:
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, mnist.Split]:
-  splits = mnist.load_mnist(config.data_dir, download=config.download)
-  validation.validate_batch_fits(config, len(splits["train"].labels))
+  splits = hold_out_validation(
+      mnist.load_mnist(config.data_dir, download=config.download),
+      config.validation_examples)
+  validation.validate_splits(config, splits)
   return splits
+
+
+def hold_out_validation(splits: dict[str, mnist.Split],
+                        num_examples: int) -> dict[str, mnist.Split]:
+  """Moves the last `num_examples` training examples into a "validation"
+  split: the best checkpoint is chosen on it, never on the test set."""
+  if num_examples == 0:
+    return splits
+  train = splits["train"]
+  if not 0 < num_examples < len(train.labels):
+    raise ConfigError(
+        f"config.validation_examples={num_examples} must be in [0, "
+        f"{len(train.labels)}): the training split holds "
+        f"{len(train.labels)} examples")
+  keep = len(train.labels) - num_examples
+  return {**splits,
+          "train": mnist.Split(train.images[:keep], train.labels[:keep]),
+          "validation": mnist.Split(train.images[keep:], train.labels[keep:])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,29 +182,25 @@ def build_program(config: ml_collections.ConfigDict,
 
 
 def restore_or_init(config: ml_collections.ConfigDict, program: Program,
-                    ckpt: checkpoint_lib.Checkpointer
+                    ckpt: checkpoint_lib.Checkpointer, workdir: str
                     ) -> tuple[steps.TrainState, int | None]:
   """The state to start from, and the step it was restored from (or None).
 
-  Order: the workdir's latest checkpoint, else the pretrained backbone
+  Order: the workdir's newest checkpoint that restores and matches its
+  digest (damaged ones are set aside), else the pretrained backbone
   (init=imagenet; resolved, downloaded if need be, before anything
   compiles), else random initialisation.
   """
-  latest = ckpt.latest_step()
-  if latest is None:
+  found = ckpt.restore_latest_good(program.abstract_state(),
+                                   rundir.set_aside_dir(workdir))
+  if found is None:
     weights = None
     if config.init == "imagenet":
       weights = pretrained.resolve_weights(config.pretrained_weights,
                                            config.model)
     return program.initial_state(weights), None
-  logging.info("Resuming from %s/%d", ckpt.directory, latest)
-  try:
-    state = ckpt.restore(latest, program.abstract_state())
-  except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(
-        f"{ckpt.directory}/{latest} does not fit this config (model, "
-        f"optimizer or trainable changed?): {str(e).splitlines()[0]}"
-    ) from None
+  state, latest = found
+  logging.info("Resumed from %s/%d", ckpt.directory, latest)
   if latest > program.total_steps:
     raise ConfigError(f"{ckpt.directory}/{latest} is past the run's "
                       f"{program.total_steps} steps; use a new workdir")
@@ -194,18 +216,68 @@ class LoopEnd:
   final_train_loss: float
 
 
+def create_evaluators(config: ml_collections.ConfigDict, program: Program,
+                      splits: Mapping[str, mnist.Split]
+                      ) -> list[evaluator_lib.Evaluator]:
+  """The test set's evaluator, then the validation split's if held out."""
+  return [evaluator_lib.Evaluator(
+      program.model, program.model_input, splits[name],
+      batch_size=config.eval_batch_size, mesh=program.mesh, name=name)
+          for name in ("test", "validation") if name in splits]
+
+
+def evaluate(evaluators: list[evaluator_lib.Evaluator],
+             state: steps.TrainState, step: int) -> dict[str, Any]:
+  """Every evaluator's results; a non-finite loss means a diverged state."""
+  results = {}
+  for e in evaluators:
+    results.update(e(state))
+  losses = {k: v for k, v in results.items() if k.endswith("_loss")}
+  if not all(np.isfinite(v) for v in losses.values()):
+    raise Diverged(f"non-finite evaluation loss at step {step} ({losses})",
+                   step + 1)
+  return results
+
+
+def _eval_scalars(results: Mapping[str, Any]) -> dict[str, float]:
+  return {k: v for k, v in results.items()
+          if k.endswith(("_accuracy", "_loss")) and not k.startswith("per_")}
+
+
+def set_aside_diverged(ckpt: checkpoint_lib.Checkpointer, e: Diverged,
+                       workdir: str) -> TrainingError:
+  """The error to end a diverged run with, once the checkpoint of the state
+  that diverged (step e.step - 1), if saved, is moved aside."""
+  bad = e.step - 1
+  ckpt.wait_until_finished()
+  said = f"{e}; the state of step {bad} is not good"
+  if bad in ckpt.all_steps():
+    ckpt.set_aside(bad, rundir.set_aside_dir(workdir), "diverged")
+    said += f" (its checkpoint is now {rundir.set_aside_dir(workdir)}/" \
+            f"{bad}.diverged)"
+  latest = ckpt.latest_step()
+  said += (f"; the latest checkpoint, step {latest}, is good"
+           if latest is not None else "; no checkpoint is left")
+  return TrainingError(said + "; lower the learning rate or clip gradients")
+
+
 def train_loop(config: ml_collections.ConfigDict, workdir: str,
                program: Program, state: steps.TrainState, start: int,
                splits: Mapping[str, mnist.Split],
+               evaluators: list[evaluator_lib.Evaluator],
                ckpt: checkpoint_lib.Checkpointer,
+               signals: preemption.StopSignals,
+               check_lock: Callable[[], None],
                on_step: StepObserver | None) -> LoopEnd:
-  """Steps start + 1 .. total: train, log, evaluate, checkpoint, preempt."""
+  """Steps start + 1 .. total: train, log, evaluate, checkpoint, stop on a
+  signal.
+
+  A checkpoint is only good once the loss computed from its parameters is
+  known finite: that is the next step's train loss, fetched right after the
+  step following each save; a non-finite one sets the checkpoint aside.
+  """
   total, mesh = program.total_steps, program.mesh
-  num_train = len(splits["train"].labels)
-  period = eval_period(config, num_train)
-  evaluate = evaluator_lib.Evaluator(
-      program.model, program.model_input, splits["test"],
-      batch_size=config.eval_batch_size, mesh=mesh)
+  period = eval_period(config, len(splits["train"].labels))
   batches = data.train_dataset(
       splits["train"], global_batch_size=config.batch_size, seed=config.seed,
       start_step=start, num_steps=total - start,
@@ -219,10 +291,21 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
   profile = reporting.ProfileWindow(
       rundir.profile_dir(workdir), num_steps=config.profile_steps,
       start_step=start, total_steps=total)
-  watcher = preemption.PreemptionWatcher(ckpt.reached_preemption)
   meta = {"config": config.to_dict(), "devices": jax.device_count(),
           "processes": jax.process_count()}
+
+  def save(step, eval_results):
+    metrics = None
+    if ckpt.keep_best and eval_results is not None:
+      metrics = {checkpoint_lib.BEST_METRIC:
+                 eval_results[checkpoint_lib.BEST_METRIC]}
+    check_lock()  # Never write over a run that took the workdir over.
+    ckpt.save(step, state, meta={**meta, "step": step}, metrics=metrics)
+    reporter.flush()
+
   eval_results = None
+  verify_step = start + 1  # The loss of the state we start from.
+  signals.loop_started(multiprocess=jax.process_count() > 1)
   try:
     for step in range(start + 1, total + 1):
       profile.before_step(step)
@@ -232,48 +315,68 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
       profile.after_step(step, state)
       if on_step is not None:
         on_step(step, metrics)
+      if step == verify_step:
+        log.flush(step)
 
       do_eval = step == total or (period and step % period == 0)
-      do_ckpt = step == total or step % config.checkpoint_every_steps == 0
+      # With a best checkpoint to keep, every evaluation is saved.
+      do_ckpt = (step == total or step % config.checkpoint_every_steps == 0
+                 or (ckpt.keep_best and do_eval))
       if do_eval or do_ckpt:
-        log.flush(step)   # Never save a diverged state.
+        log.flush(step)   # Never save a state whose own step diverged.
       if do_eval:
         with log.paused():
-          eval_results = evaluate(state)
-        reporter.scalars(step, {k: eval_results[k]
-                                for k in ("test_accuracy", "test_loss")})
+          eval_results = evaluate(evaluators, state, step)
+        reporter.scalars(step, _eval_scalars(eval_results))
       if do_ckpt:
-        ckpt.save(step, state, meta={**meta, "step": step},
-                  metrics=({"test_accuracy": eval_results["test_accuracy"]}
-                           if do_eval else None))
-      if step < total and watcher.should_stop(step):
+        save(step, eval_results if do_eval else None)
+        verify_step = step + 1
+      signum = signals.stop_requested(step, ckpt.reached_preemption)
+      if step < total and signum is not None:
         if not do_ckpt:
           log.flush(step)
-          ckpt.save(step, state, meta={**meta, "step": step})
+          save(step, None)
         ckpt.wait_until_finished()
-        logging.warning("Preemption notice: saved %s/%d", ckpt.directory,
-                        step)
-        raise Preempted(step)
+        raise Preempted(step, signum)
     jax.block_until_ready(state)
     totals = log.totals()
-    if eval_results is None or start == total:
-      eval_results = evaluate(state)
+    if eval_results is None:  # Nothing left to train: resumed at the end.
+      eval_results = evaluate(evaluators, state, total)
     ckpt.wait_until_finished()
+  except Diverged as e:
+    raise set_aside_diverged(ckpt, e, workdir) from None
   finally:
     profile.close()
-    watcher.close()
     reporter.close()
   return LoopEnd(state=state, eval_results=eval_results, train_totals=totals,
                  final_train_loss=log.last_train_loss)
 
 
+def best_results(ckpt: checkpoint_lib.Checkpointer, program: Program,
+                 evaluators: list[evaluator_lib.Evaluator], end: LoopEnd
+                 ) -> dict[str, Any]:
+  """The best-by-validation checkpoint's step and its accuracies."""
+  best = ckpt.best_step()
+  if best is None:
+    return {"best_step": None}
+  if best == program.total_steps:
+    found = end.eval_results
+  else:
+    found = evaluate(evaluators, ckpt.restore(best, program.abstract_state()),
+                     best)
+  return {"best_step": best,
+          "best_validation_accuracy": found["validation_accuracy"],
+          "best_test_accuracy": found["test_accuracy"]}
+
+
 def final_results(config: ml_collections.ConfigDict, total_steps: int,
                   end: LoopEnd, *, start: int, resumed_from: int | None,
-                  best_step: int | None) -> dict[str, Any]:
+                  best: Mapping[str, Any]) -> dict[str, Any]:
   """The record written to results.json."""
   return {
       "step": total_steps,
       **end.eval_results,
+      **best,
       "final_train_loss": end.final_train_loss,
       "params_sha256": steps.params_sha256(end.state.params),
       **end.train_totals,
@@ -282,39 +385,83 @@ def final_results(config: ml_collections.ConfigDict, total_steps: int,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "best_step": best_step,
       "config": config.to_dict(),
   }
 
 
+def finished_results(config: ml_collections.ConfigDict, workdir: str,
+                     ckpt: checkpoint_lib.Checkpointer
+                     ) -> dict[str, Any] | None:
+  """results.json of this run if it already finished (a scheduler's retry
+  of a done job), else None."""
+  results = rundir.read_json(rundir.results_path(workdir))
+  if results is None or results.get("step") != ckpt.latest_step():
+    return None
+  saved = results.get("config", {})
+  if any(saved.get(k) != config[k] for k in ("num_train_steps", "num_epochs")):
+    return None  # Asked to train longer.
+  return results
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str,
+             stack: contextlib.ExitStack
+             ) -> tuple[checkpoint_lib.Checkpointer, Callable[[], None]]:
+  """Takes the workdir: its lock (process 0; one lock per run), the saved
+  config's check, and the checkpoints. Returns them with the lock's check,
+  which raises once another run has taken the workdir over."""
+  check_lock = lambda: None
+  if jax.process_index() == 0:
+    lock = runlock.acquire(workdir)
+    stack.callback(lock.release)
+    check_lock = lock.check
+  rundir.check_resume_config(workdir, config.to_dict())
+  ckpt = checkpoint_lib.Checkpointer(
+      rundir.checkpoint_dir(workdir),
+      max_to_keep=config.max_checkpoints_to_keep,
+      keep_best=config.validation_examples > 0)
+  stack.callback(ckpt.close)
+  return ckpt, check_lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       on_step: StepObserver | None = None) -> dict[str, Any]:
+                       on_step: StepObserver | None = None,
+                       signals: preemption.StopSignals | None = None
+                       ) -> dict[str, Any]:
   """Trains per `config`, checkpoints into `workdir`, returns the results.
 
   `on_step(step, metrics)` observes the loop (benchmark.py times it this
   way); it must not wait for the metrics, or the loop would stall.
+  `signals`: the process's StopSignals (train.py installs them first thing);
+  by default installed here for the duration of the run.
   """
   validation.validate_config(config)
-  splits = load_data(config)
-  program = build_program(config, len(splits["train"].labels))
-  ckpt = checkpoint_lib.Checkpointer(
-      rundir.checkpoint_dir(workdir),
-      max_to_keep=config.max_checkpoints_to_keep)
-  try:
-    state, resumed_from = restore_or_init(config, program, ckpt)
+  validation.validate_workdir(workdir)
+  with contextlib.ExitStack() as stack:
+    if signals is None:
+      signals = stack.enter_context(preemption.StopSignals())
+    ckpt, check_lock = open_run(config, workdir, stack)
+    finished = finished_results(config, workdir, ckpt)
+    if finished is not None:
+      logging.info("%s already holds this run's results (step %d); nothing "
+                   "to do", rundir.results_path(workdir), finished["step"])
+      return finished
+    splits = load_data(config)
+    program = build_program(config, len(splits["train"].labels))
+    state, resumed_from = restore_or_init(config, program, ckpt, workdir)
+    if jax.process_index() == 0:
+      rundir.save_config(workdir, config.to_dict())
     start = int(jax.device_get(state.step))
     logging.info(
         "%s: %d steps (%d per epoch), global batch %d on %d devices (%d "
         "processes), starting at step %d", config.model, program.total_steps,
         order.steps_per_epoch(len(splits["train"].labels), config.batch_size),
         config.batch_size, jax.device_count(), jax.process_count(), start)
-    end = train_loop(config, workdir, program, state, start, splits, ckpt,
-                     on_step)
-    best_step = ckpt.best_step()
-  finally:
-    ckpt.close()
+    evaluators = create_evaluators(config, program, splits)
+    end = train_loop(config, workdir, program, state, start, splits,
+                     evaluators, ckpt, signals, check_lock, on_step)
+    best = best_results(ckpt, program, evaluators, end)
   results = final_results(config, program.total_steps, end, start=start,
-                          resumed_from=resumed_from, best_step=best_step)
+                          resumed_from=resumed_from, best=best)
   if jax.process_index() == 0:
     rundir.write_results(workdir, results)
   logging.info("step %d: test_accuracy=%.4f test_loss=%.4f (%d examples)",

@@ -6,6 +6,7 @@ $MNIST_REQUIRED=1 (as in CI), where a missing dataset fails them: a run that
 skips the training, resume and benchmark tests must not pass.
 """
 
+import itertools
 import os
 import pathlib
 
@@ -37,3 +38,37 @@ def mnist_dir() -> pathlib.Path:
       pytest.fail(why + "; MNIST_REQUIRED=1", pytrace=False)
     pytest.skip(why)
   return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """A real local Cloud Storage server (fake-gcs-server), one per session.
+
+  The variables of `env()` point gcsfs, etils.epath and tensorstore at it; they
+  are set in this process for the session too.
+  """
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  try:
+    server = gcs_emulator.GcsEmulator(
+        tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+  except (ImportError, RuntimeError) as e:
+    pytest.fail(f"could not start the local Cloud Storage server: {e}",
+                pytrace=False)
+  saved = {k: os.environ.get(k) for k in server.env()}
+  os.environ.update(server.env())
+  yield server
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  server.stop()
+
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> str:
+  """A new empty bucket on the session's server: "gs://NAME"."""
+  return gcs_server.create_bucket(f"test-bucket-{os.getpid()}-{next(_BUCKETS)}")

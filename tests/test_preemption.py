@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import REPO_ROOT
 from test_train import SMOKE, logged_steps, results, run_train
 
 PREEMPTED = 75
+INTERRUPTED = 130
 STEPS = 200
 ARGS = ("--config.num_train_steps=200", "--config.checkpoint_every_steps=40",
         "--config.eval_every_steps=0", "--config.log_every_steps=20",
@@ -64,20 +66,25 @@ NO_PERIODIC_SAVE_ARGS = tuple(
 
 
 @pytest.mark.slow
-def test_sigterm_saves_current_step_and_resumes_exactly(
-    mnist_dir, tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, PREEMPTED),
+                                          (signal.SIGINT, INTERRUPTED)])
+def test_signal_saves_current_step_and_resumes_exactly(
+    mnist_dir, tmp_path, uninterrupted, signum, code):
+  """SIGTERM (preemption) and Ctrl-C alike: save at the step reached, exit
+  75 or 130, and the rerun ends where an uninterrupted run ends."""
   workdir = tmp_path / "run"
   args = (f"--config.data_dir={mnist_dir}", *NO_PERIODIC_SAVE_ARGS)
   proc = start_train(workdir, *args)
-  # Deterministic trigger: the loop is running (SIGTERM handler installed)
-  # once it has logged its first step (20 of 200).
+  # Deterministic trigger: the loop is running once it has logged its first
+  # step (20 of 200).
   wait_for(lambda: logged_steps(workdir), proc)
   seen = max(logged_steps(workdir))
   sent = time.time()
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, stderr = proc.communicate(timeout=60)
   assert time.time() - sent < 60
-  assert proc.returncode == PREEMPTED, stderr[-3000:]
+  assert proc.returncode == code, stderr[-3000:]
+  assert "Traceback" not in stderr
   said = re.findall(r"checkpoint saved at step (\d+)", stderr)
   assert len(said) == 1, stderr[-3000:]
   stopped = int(said[0])
@@ -91,6 +98,55 @@ def test_sigterm_saves_current_step_and_resumes_exactly(
   assert resumed["resumed_from"] == stopped
   assert resumed["steps_run"] == STEPS - stopped
   assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, PREEMPTED),
+                                          (signal.SIGINT, INTERRUPTED)])
+def test_signal_during_start_up_exits_at_once(mnist_dir, tmp_path, signum,
+                                              code):
+  """Before the first step (data, compile, restore) there is nothing to
+  save: one line, the signal's exit code, at once, the lock released."""
+  workdir = tmp_path / "run"
+  proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  # The handlers are installed before train.py imports anything slow; the
+  # first line on stderr comes later (data loading).
+  first = proc.stderr.readline()
+  assert first, "no output"
+  sent = time.time()
+  proc.send_signal(signum)
+  stderr = first + proc.communicate(timeout=60)[1]
+  assert time.time() - sent < 10
+  assert proc.returncode == code, stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert stderr.rstrip().splitlines()[-1].startswith("stopped: "), stderr
+  assert checkpoint_steps(workdir) == []
+  # The lock went with the process: the rerun starts.
+  run_train(workdir, f"--config.data_dir={mnist_dir}",
+            "--config.num_train_steps=2", "--config.eval_every_steps=0")
+
+
+def test_second_ctrl_c_exits_at_once():
+  """In the loop the first Ctrl-C only asks for a save at the next step; a
+  second one ends the process now with 130 (committed checkpoints are atomic,
+  a save in flight is a temporary directory the next start removes)."""
+  code = textwrap.dedent("""
+      import os, signal, time
+      from mnist_resnet import preemption
+      signals = preemption.StopSignals()
+      signals.loop_started(multiprocess=False)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)
+      assert signals.stop_requested(1, None) == signal.SIGINT
+      print("saving", flush=True)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(30)
+      print("still running", flush=True)
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=20)
+  assert proc.returncode == INTERRUPTED, proc.stderr
+  assert proc.stdout == "saving\n"
+  assert proc.stderr == "error: interrupted\n"
 
 
 @pytest.mark.slow
@@ -131,24 +187,44 @@ def test_sigkill_during_async_save_resumes_from_previous(
   assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
 
 
-def test_non_finite_loss_stops_with_one_line(mnist_dir, tmp_path):
-  """A learning rate that really diverges: the run stops at the first
-  non-finite step, saves nothing from it on, and writes no results."""
-  proc = run_train(tmp_path, f"--config.data_dir={mnist_dir}",
-                   "--config.num_train_steps=60", "--config.warmup_steps=20",
-                   "--config.learning_rate=1e30",
-                   "--config.checkpoint_every_steps=2",
+def _diverge(workdir, mnist_dir, *args):
+  proc = run_train(workdir, f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=60",
+                   "--config.checkpoint_every_steps=1",
                    "--config.log_every_steps=20", "--config.eval_every_steps=0",
-                   check=False)
+                   *args, check=False)
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, proc.stderr[-3000:]
-  match = re.search(r"non-finite train loss or gradient at step (\d+)",
-                    errors[0])
-  assert match, errors[0]
   assert "Traceback" not in proc.stderr
-  # Measured: step 1 runs at learning rate 0 and step 2 at 2.5e28 (warmup),
-  # so the loss of step 3 is the first NaN.
-  assert int(match[1]) == 3
-  assert checkpoint_steps(tmp_path) == [2]
+  return errors[0]
+
+
+def test_diverged_state_is_never_kept(mnist_dir, tmp_path):
+  """A learning rate that really diverges, a checkpoint every step: the
+  loss of step 3 is the first NaN, so the state of step 2 (saved) is bad and
+  set aside; checkpoint 1 stays, and it is good: it evaluates to a finite
+  loss."""
+  error = _diverge(tmp_path, mnist_dir, "--config.warmup_steps=20",
+                   "--config.learning_rate=1e30")
+  # Measured: step 1 runs at learning rate 0 and step 2 at 5e28 (warmup).
+  assert re.search(r"non-finite train loss or gradient at step 3\b", error)
+  assert "the latest checkpoint, step 1, is good" in error, error
+  assert checkpoint_steps(tmp_path) == [1]
+  assert (tmp_path / "set_aside" / "2.diverged" / "state").is_dir()
   assert not (tmp_path / "results.json").exists()
+  # Checkpoint 1 as the final state of a 1-step run: evaluated, finite.
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+            "--config.num_train_steps=1", "--config.warmup_steps=20",
+            "--config.learning_rate=1e30", "--config.eval_every_steps=0")
+  assert 0 < results(tmp_path)["test_loss"] < 10
+
+
+def test_finite_but_diverged_weights_are_not_kept(mnist_dir, tmp_path):
+  """learning_rate=1e36 from the first step: the weights after step 1 are
+  finite (up to ~1e36) but their loss is NaN; no checkpoint is left."""
+  error = _diverge(tmp_path, mnist_dir, "--config.warmup_steps=0",
+                   "--config.learning_rate=1e36")
+  assert re.search(r"at step 2\b", error) and "no checkpoint is left" in error
+  assert checkpoint_steps(tmp_path) == []
+  assert (tmp_path / "set_aside" / "1.diverged").is_dir()

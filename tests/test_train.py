@@ -62,6 +62,8 @@ def tensorboard_scalars(workdir) -> dict[int, dict[str, float]]:
   for path in pathlib.Path(workdir).glob("events.out.tfevents*"):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name != "scalars":
+          continue  # Images (the confusion matrix) and the like.
         out.setdefault(event.step, {})[value.tag] = float(
             tf.make_ndarray(value.tensor))
   return out
@@ -249,23 +251,62 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mnist_dir, tmp_path):
   assert resumed["test_accuracy"] == expected["test_accuracy"]
 
 
-def test_resume_of_finished_run_changes_nothing(mnist_dir, tmp_path):
+def test_rerun_of_finished_run_changes_nothing(mnist_dir, tmp_path):
+  """A scheduler's retry of a finished job: the results stay as they were
+  (bytes and all), exit 0. Without results.json (killed after the last
+  save) the last checkpoint is evaluated and the results written, strict
+  JSON (no NaN for the train loss no step produced)."""
   args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=30",
           "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
           "--config.max_checkpoints_to_keep=3")
   run_train(tmp_path, *args)
-  first = results(tmp_path)
-  # Six saves, the three most recent kept (only the last was evaluated, so
-  # it is also the best).
+  path = tmp_path / "results.json"
+  written, mtime = path.read_bytes(), path.stat().st_mtime_ns
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps == [20, 25, 30]
+  proc = run_train(tmp_path, *args)
+  assert "already holds this run's results" in proc.stderr
+  assert path.read_bytes() == written and path.stat().st_mtime_ns == mtime
+  first = json.loads(written)
+
+  path.unlink()
   run_train(tmp_path, *args)
-  again = results(tmp_path)
+  text = path.read_text()
+  again = json.loads(text, parse_constant=lambda c: pytest.fail(c))
   assert again["resumed_from"] == 30 and again["steps_run"] == 0
+  assert again["final_train_loss"] is None
   assert again["params_sha256"] == first["params_sha256"]
+  assert again["test_accuracy"] == first["test_accuracy"]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [20, 25, 30]
+
+
+def test_best_checkpoint_is_chosen_on_held_out_validation(mnist_dir,
+                                                          tmp_path):
+  """validation_examples holds the end of the training file out; every
+  evaluation is saved with its validation accuracy, and the best by it stays
+  beside the latest and is reported with its test accuracy."""
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+            "--config.num_train_steps=60", "--config.eval_every_steps=20",
+            "--config.checkpoint_every_steps=100000",
+            "--config.validation_examples=2000",
+            "--config.max_checkpoints_to_keep=1",
+            "--config.log_every_steps=20")
+  r = results(tmp_path)
+  rows = [m for m in metrics(tmp_path) if "validation_accuracy" in m]
+  assert [m["step"] for m in rows] == [20, 40, 60]
+  # orbax keeps the later of equal values.
+  best = max(rows, key=lambda m: (m["validation_accuracy"], m["step"]))
+  assert r["best_step"] == best["step"]
+  assert r["best_validation_accuracy"] == pytest.approx(
+      best["validation_accuracy"])
+  assert r["best_test_accuracy"] == pytest.approx(best["test_accuracy"])
+  assert r["eval_examples"] == 10_000
+  assert r["config"]["validation_examples"] == 2000
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == sorted({best["step"], 60})
 
 
 def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
