@@ -119,29 +119,51 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
-def _compile_step(program: train.Program, config: ml_collections.ConfigDict
-                  ) -> tuple[Any, dict[str, Any]]:
-  """Lowers and compiles the program's train step on abstract arguments
-  (nothing is allocated); returns the executable and what the compiler
-  says about it."""
+def lower_step(program: train.Program, config: ml_collections.ConfigDict
+               ) -> jax.stages.Lowered:
+  """The program's train step lowered on abstract arguments of the config's
+  global batch (nothing is allocated, nothing compiled)."""
   sharding = parallel.batch_sharding(program.mesh)
   batch = {k: jax.ShapeDtypeStruct(parallel.global_shape(v.shape), v.dtype,
                                    sharding=sharding)
            for k, v in synthetic_batch(config).items()}
-  start = time.perf_counter()
-  compiled = program.train_step.lower(program.abstract_state(),
-                                      batch).compile()
-  seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
+  return program.train_step.lower(program.abstract_state(), batch)
+
+
+def xla_flops_per_step(stage: jax.stages.Lowered | jax.stages.Compiled
+                       ) -> float | None:
+  """XLA's cost analysis of a lowered or compiled train step, all devices;
+  None where the backend does not count. Under data parallelism every
+  device runs the same program on its slice of the batch, and the analysis
+  is of one device's program."""
+  cost = stage.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0] if cost else {}
-  # The cost of one device's program; under data parallelism every device
-  # runs the same program on its slice of the batch.
   count = (cost or {}).get("flops")
+  return float(count) * jax.device_count() if count and count > 0 else None
+
+
+def model_flops(program: train.Program, config: ml_collections.ConfigDict
+                ) -> dict[str, Any]:
+  """The model's FLOPs per train step, counted from its layers (see
+  flops.py): 3 x forward for trained layers, 1 x for a frozen backbone."""
+  return flops.model_flops(program.model, int(config.image_size),
+                           int(config.batch_size),
+                           trained_groups=program.groups)
+
+
+def _compile_step(program: train.Program, config: ml_collections.ConfigDict
+                  ) -> tuple[Any, dict[str, Any]]:
+  """Lowers and compiles the program's train step on abstract arguments
+  (nothing is allocated); returns the executable, what the compiler says
+  about it and the model's own FLOP count."""
+  start = time.perf_counter()
+  compiled = lower_step(program, config).compile()
+  seconds = time.perf_counter() - start
   return compiled, {
       "compile_seconds": round(seconds, 2),
-      "flops_per_step": (float(count) * jax.device_count()
-                         if count and count > 0 else None),
+      **model_flops(program, config),
+      "flops_per_step_xla": xla_flops_per_step(compiled),
   }
 
 
@@ -165,7 +187,9 @@ def _result(mode: str, config: ml_collections.ConfigDict,
   seconds = float(np.sum(ms)) / 1e3
   images_per_sec = batch * len(ms) / seconds
   median_s = float(np.median(ms)) / 1e3
-  per_step = compile_info.get("flops_per_step")
+  # MFU from the model's own count (flops.py), as MLPerf and MaxText do;
+  # XLA's count is reported beside it.
+  per_step = compile_info.get("flops_per_step_model")
   tflops = per_step / median_s / 1e12 if per_step else None
   kind = jax.devices()[0].device_kind
   peak = flops.peak_tflops(kind, str(config.dtype))
@@ -191,7 +215,10 @@ def _result(mode: str, config: ml_collections.ConfigDict,
       "warmup_steps": warmup,
       "images_per_sec": round(images_per_sec, 2),
       "images_per_sec_per_device": round(images_per_sec / devices, 2),
-      "flops_per_step": per_step,
+      "flops_per_step_model": per_step,
+      "flops_per_example_train_model": compile_info.get(
+          "flops_per_example_train_model"),
+      "flops_per_step_xla": compile_info.get("flops_per_step_xla"),
       "tflops_per_sec": round(tflops, 4) if tflops else None,
       "peak_tflops_per_device": peak,
       "mfu": round(mfu, 4) if mfu else None,

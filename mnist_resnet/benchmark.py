@@ -19,6 +19,14 @@ value) is one `error: ...` line on stderr and exit code 2.
 `step_ms_median` and its p10/p90 describe the per-step distribution
 (`batch_size / step_ms_median` is the median-based rate that the peer
 scripts in the project's bench directory report).
+
+FLOPs: `flops_per_step_model` is the model's count from its layers (every
+convolution and dense layer, 2 FLOPs per multiply-accumulate, training = 3 x
+forward; see flops.py), and `tflops_per_sec` and `mfu` are computed from it,
+as MLPerf and MaxText do. `flops_per_step_xla`, XLA's cost analysis of the
+compiled step, is printed beside it: it counts the program as compiled
+(elementwise ops in, padding taps out) and on GPU misses the work inside
+library calls, so it is no basis for MFU.
 """
 
 from __future__ import annotations

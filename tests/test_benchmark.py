@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from configs import benchmark as benchmark_config
 from mnist_resnet import bench_modes
 from mnist_resnet import benchmark
 from mnist_resnet import flops
@@ -32,7 +33,9 @@ STEP_FIELDS = (
     "model", "image_size", "dtype", "batch_size", "per_device_batch_size",
     "device_count", "device_kind", "compile_seconds", "step_ms_median",
     "step_ms_p10", "step_ms_p90", "images_per_sec",
-    "images_per_sec_per_device", "flops_per_step", "tflops_per_sec", "mfu",
+    "images_per_sec_per_device", "flops_per_step_model",
+    "flops_per_example_train_model", "flops_per_step_xla", "tflops_per_sec",
+    "mfu",
     "peak_memory_bytes", "host_to_device_bytes_per_example")
 
 
@@ -88,7 +91,8 @@ def _check_measurement(r: dict, mode: str, batch: int, size: int,
     assert r["warmup_steps"] == warmup
   for key in ("compile_seconds", "step_ms_median", "step_ms_p10",
               "step_ms_p90", "images_per_sec", "images_per_sec_per_device",
-              "flops_per_step", "tflops_per_sec"):
+              "flops_per_step_model", "flops_per_step_xla",
+              "tflops_per_sec"):
     assert r[key] > 0, (key, r[key])
   assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
   assert r["step_ms_p90"] <= r["step_ms_max"]
@@ -98,14 +102,19 @@ def _check_measurement(r: dict, mode: str, batch: int, size: int,
       batch * 1e3 / r["step_ms_mean"], rel=1e-3)
   assert r["images_per_sec_per_device"] == pytest.approx(
       r["images_per_sec"] / devices, abs=0.011)
-  # FLOPs of one step over the median step time; printed to 4 decimals.
-  tflops = r["flops_per_step"] / (r["step_ms_median"] / 1e3) / 1e12
+  # The model's FLOPs of one step (not XLA's) over the median step time;
+  # printed to 4 decimals.
+  tflops = r["flops_per_step_model"] / (r["step_ms_median"] / 1e3) / 1e12
   assert abs(r["tflops_per_sec"] - tflops) <= (
       5e-5 + tflops * 6e-4 / r["step_ms_median"]), (r["tflops_per_sec"],
                                                     tflops)
+  # The model's count is the architecture's, exactly; XLA's, of the
+  # compiled program (elementwise work in, padding taps out), is near it.
   analytic = _tiny_train_flops(batch, size)
-  assert analytic / 2 <= r["flops_per_step"] <= analytic * 2, (
-      r["flops_per_step"], analytic)
+  assert r["flops_per_step_model"] == analytic
+  assert r["flops_per_example_train_model"] == analytic / batch
+  assert analytic / 2 <= r["flops_per_step_xla"] <= analytic * 2, (
+      r["flops_per_step_xla"], analytic)
   # uint8 28x28 image + int32 label, whatever the model's input size.
   assert r["host_to_device_bytes_per_example"] == 28 * 28 + 4
   assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU.
@@ -380,3 +389,18 @@ def test_format_table_aligns_rows():
   assert "12.3" in lines[2] and "0.980" in lines[3]
   assert len({len(l) for l in lines[:2]}) == 1
   assert np.all([l.startswith(("mode", "-", "step", "all")) for l in lines])
+
+
+def test_mfu_uses_the_model_count(monkeypatch):
+  """tflops_per_sec and mfu come from the model's FLOPs, not XLA's."""
+  monkeypatch.setattr(flops, "peak_tflops", lambda kind, dtype: 2.0)
+  config = benchmark_config.get_config()
+  config.batch_size = 8
+  info = {"compile_seconds": 1.0, "flops_per_step_model": 3e10,
+          "flops_per_example_train_model": 3e10 / 8,
+          "flops_per_step_xla": 1e10}
+  r = bench_modes._result("step", config, [0.01, 0.02, 0.03], 1, info, 788)
+  assert (r["flops_per_step_model"], r["flops_per_step_xla"]) == (3e10, 1e10)
+  assert r["tflops_per_sec"] == pytest.approx(3e10 / 0.02 / 1e12)  # 1.5
+  assert r["peak_tflops_per_device"] == 2.0
+  assert r["mfu"] == pytest.approx(1.5 / (2.0 * r["device_count"]))
