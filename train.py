@@ -41,6 +41,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  from mnist_resnet import compile_cache
   from mnist_resnet import parallel
   from mnist_resnet import train
   from mnist_resnet.errors import Preempted
@@ -53,6 +54,8 @@ def main(argv):
           coordinator_address=config.coordinator_address,
           num_processes=config.num_processes, process_id=config.process_id)
       cli.tag_logs_with_process()
+      # A restarted run (preemption!) loads its programs instead of compiling.
+      compile_cache.enable(config.compilation_cache_dir, _WORKDIR.value)
       train.train_and_evaluate(config, _WORKDIR.value, signals=SIGNALS)
   except Preempted as e:
     logging.warning("%s", e)

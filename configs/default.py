@@ -128,6 +128,15 @@ def get_config() -> ml_collections.ConfigDict:
   # the run (re)starts, into workdir/profile (TensorBoard or Perfetto);
   # 0 disables.
   c.profile_steps = 0
+  # Persistent XLA compilation cache: a restarted run (after preemption, or a
+  # rerun of the same config) loads its compiled programs instead of
+  # compiling them again. "{workdir}" stands for the run's workdir: the
+  # default follows the run wherever it goes (a bucket, every host of a
+  # multi-host run). Any directory or gs:// location works, e.g.
+  # "~/.cache/mnist_resnet/xla" to share one cache between runs on a machine;
+  # "" leaves JAX's setting ($JAX_COMPILATION_CACHE_DIR, else no cache). A
+  # location that cannot be written is a warning, never an error.
+  c.compilation_cache_dir = "{workdir}/compilation_cache"
 
   # --- Many hosts ----------------------------------------------------------
   # Join a multi-process run with jax.distributed.initialize (always done on
