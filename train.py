@@ -60,14 +60,7 @@ def main(argv):
   except Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.exit_code(e.signum))
-  except preemption.Interrupted as e:
-    print(f"stopped: {e}", file=sys.stderr, flush=True)
-    sys.exit(preemption.exit_code(e.signum))
 
 
 if __name__ == "__main__":
-  try:
-    cli.run(main)
-  except preemption.Interrupted as e:  # During flag parsing.
-    print(f"stopped: {e}", file=sys.stderr, flush=True)
-    sys.exit(preemption.exit_code(e.signum))
+  cli.run(main)

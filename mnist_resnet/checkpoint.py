@@ -138,14 +138,19 @@ class Checkpointer:
     directory held no checkpoint; RunDirError when all were damaged.
     """
     tried = []
+    if self.latest_step() is None and _damaged_in(set_aside):
+      # Everything was damaged before: starting from scratch here would
+      # silently discard the run (a retry loop would do just that).
+      raise RunDirError(
+          f"{self.directory} holds no checkpoint and {set_aside} holds "
+          "damaged ones; restore them from a backup or use a new workdir")
     while (step := self.latest_step()) is not None:
       try:
         return self.restore(step, abstract_state), step
       except DamagedCheckpoint as e:
-        logging.warning("%s/%d is damaged (%s); moved to %s/%d.damaged and "
-                        "trying the one before", self.directory, step,
-                        e.reason, set_aside, step)
-        self.set_aside(step, set_aside, "damaged")
+        moved = self.set_aside(step, set_aside, "damaged")
+        logging.warning("%s/%d is damaged (%s); moved to %s, trying the one "
+                        "before", self.directory, step, e.reason, moved)
         tried.append(step)
     if tried:
       raise RunDirError(
@@ -154,15 +159,18 @@ class Checkpointer:
           "workdir or restore them from a backup")
     return None
 
-  def set_aside(self, step: int, destination: epath.Path, why: str) -> None:
-    """Moves checkpoint `step` to destination/<step>.<why>, out of orbax's
-    sight; process 0 moves, every process waits for it."""
+  def set_aside(self, step: int, destination: epath.Path,
+                why: str) -> epath.Path:
+    """Moves checkpoint `step` to destination/<step>.<why> (numbered if
+    taken), out of orbax's sight; process 0 moves, every process waits for
+    it. Returns where it went."""
+    moved = rundir.free_name(destination, f"{step}.{why}")
     if jax.process_index() == 0:
-      rundir.move_tree(self.directory / str(step),
-                       destination / f"{step}.{why}")
+      rundir.move_tree(self.directory / str(step), moved)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._manager.reload()
+    return moved
 
   def wait_until_finished(self) -> None:
     """Blocks until every started save is on disk; raises its errors."""
@@ -181,6 +189,11 @@ class Checkpointer:
     if await_cleanup is not None:
       await_cleanup()
     self._manager.close()
+
+
+def _damaged_in(set_aside: epath.Path) -> bool:
+  return set_aside.exists() and any(
+      ".damaged" in p.name for p in set_aside.iterdir())
 
 
 class DamagedCheckpoint(Exception):

@@ -2,13 +2,21 @@
 
 `StopSignals` is installed first thing in `train.py`, before anything slow:
 
-  * before the loop (data load, compile, restore) there is nothing to save:
-    the handler raises `Interrupted` at once, and the run exits 75 (SIGTERM,
-    rerun to continue) or 130 (Ctrl-C);
+  * before the loop (imports, data load, compile, restore) there is nothing
+    to save: the handler prints one line, runs the registered clean-ups (the
+    workdir lock's release) for a few seconds at most, and ends the process
+    at once with 75 (SIGTERM, rerun to continue) or 130 (Ctrl-C). It does not
+    raise: an exception raised inside whatever code the signal interrupted
+    (an import, a garbage-collector callback) can be swallowed or turned into
+    another;
   * during the loop it only records the signal; the loop reads it after each
     step, so an evaluation or a save in progress completes, then the state is
     saved at the step reached and the run exits 75 or 130. A second Ctrl-C
     exits at once (130); committed checkpoints are atomic and stay intact.
+
+SIGHUP (the terminal or ssh session went away) counts as SIGTERM. A signal
+that was ignored when the process started (`nohup`, background jobs) stays
+ignored.
 
 In a multi-process run JAX's coordination service takes SIGTERM on whichever
 host received it, tells every host, and agrees on a step to stop at; orbax's
@@ -36,15 +44,10 @@ def exit_code(signum: int) -> int:
   return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
 
 
-class Interrupted(BaseException):
-  """A signal before the loop started: nothing to save. A BaseException so
-  that no library's `except Exception` swallows it."""
-
-  def __init__(self, signum: int):
-    super().__init__(f"{signal.Signals(signum).name} before the first step; "
-                     "nothing to save" + (", rerun the same command to start"
-                                          if signum == signal.SIGTERM else ""))
-    self.signum = signum
+def _stopped_line(signum: int) -> str:
+  return (f"stopped: {signal.Signals(signum).name} before the first step; "
+          "nothing to save" + ("" if signum == signal.SIGINT else
+                               ", rerun the same command to start"))
 
 
 class StopSignals:
@@ -55,19 +58,42 @@ class StopSignals:
     self._running = False
     self._multiprocess = False
     self._previous = {}
+    self._cleanups: list[Callable[[], None]] = []
     if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._on_signal)
+      for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+          self._previous[signum] = signal.signal(signum, self._on_signal)
+
+  def on_early_exit(self, cleanup: Callable[[], None]) -> None:
+    """Runs `cleanup` (bounded) if a signal ends the run before the loop."""
+    self._cleanups.append(cleanup)
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    if signum == signal.SIGHUP:
+      signum = signal.SIGTERM
     if not self._running:
-      raise Interrupted(signum)
+      print(_stopped_line(signum), file=sys.stderr, flush=True)
+      self._run_cleanups()
+      os._exit(exit_code(signum))  # pylint: disable=protected-access
     if signum == signal.SIGINT and (self._multiprocess or
                                     self._signum == signal.SIGINT):
       print("error: interrupted", file=sys.stderr, flush=True)
       os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
     if self._signum is None:
       self._signum = signum
+
+  def _run_cleanups(self, timeout: float = 5.0) -> None:
+    # In a daemon thread: the interrupted main thread may hold a lock the
+    # clean-up needs, and a hung one must not keep the process alive.
+    def run():
+      for cleanup in self._cleanups:
+        try:
+          cleanup()
+        except Exception:  # pylint: disable=broad-except
+          pass
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
 
   def loop_started(self, *, multiprocess: bool) -> None:
     """From now on a signal stops the loop at the next step, after a save."""

@@ -127,6 +127,23 @@ def read_json(path: epath.Path) -> dict[str, Any] | None:
   return value
 
 
+def check_is_directory(path: epath.Path) -> None:
+  """A workdir entry the run will write under must not be a file: found now,
+  not at the first save after hours of training."""
+  if path.exists() and not path.is_dir():
+    raise RunDirError(f"{path} is a file, not a directory; move it away")
+
+
+def free_name(directory: epath.Path, name: str) -> epath.Path:
+  """directory/name, or name.2, name.3, ... if taken: a step set aside
+  again (the same divergence on a retry) never collides with the first."""
+  candidate, n = directory / name, 1
+  while candidate.exists():
+    n += 1
+    candidate = directory / f"{name}.{n}"
+  return candidate
+
+
 def move_tree(source: epath.Path, destination: epath.Path) -> None:
   """Moves a directory. Object stores have no rename: copy every object,
   then delete the source (a crash in between leaves both, never neither)."""

@@ -222,7 +222,7 @@ def _open_lock_file(directory: str, path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
   except OSError as e:
     raise RunDirError(f"cannot use workdir {directory}: "
-                      f"{e.strerror or e}") from None
+                      f"{e.filename or path}: {e.strerror or e}") from None
 
 
 def _read_local_holder(fd: int, wait: float = 1.0) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 import jax
@@ -252,13 +252,22 @@ def set_aside_diverged(ckpt: checkpoint_lib.Checkpointer, e: Diverged,
   ckpt.wait_until_finished()
   said = f"{e}; the state of step {bad} is not good"
   if bad in ckpt.all_steps():
-    ckpt.set_aside(bad, rundir.set_aside_dir(workdir), "diverged")
-    said += f" (its checkpoint is now {rundir.set_aside_dir(workdir)}/" \
-            f"{bad}.diverged)"
+    moved = ckpt.set_aside(bad, rundir.set_aside_dir(workdir), "diverged")
+    said += f" (its checkpoint is now {moved})"
   latest = ckpt.latest_step()
   said += (f"; the latest checkpoint, step {latest}, is good"
            if latest is not None else "; no checkpoint is left")
   return TrainingError(said + "; lower the learning rate or clip gradients")
+
+
+def train_batches(config: ml_collections.ConfigDict, train: mnist.Split,
+                  start: int, total: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's shard of the global batches of steps start + 1 .. total."""
+  return data.train_dataset(
+      train, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start, num_steps=total - start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count()).as_numpy_iterator()
 
 
 def train_loop(config: ml_collections.ConfigDict, workdir: str,
@@ -278,11 +287,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
   """
   total, mesh = program.total_steps, program.mesh
   period = eval_period(config, len(splits["train"].labels))
-  batches = data.train_dataset(
-      splits["train"], global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start, num_steps=total - start,
-      process_index=jax.process_index(),
-      process_count=jax.process_count()).as_numpy_iterator()
+  batches = train_batches(config, splits["train"], start, total)
   reporter = reporting.Reporter(workdir, writes=jax.process_index() == 0,
                                 total_steps=total, start_step=start)
   log = reporting.TrainLog(reporter, batch_size=config.batch_size,
@@ -404,7 +409,7 @@ def finished_results(config: ml_collections.ConfigDict, workdir: str,
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str,
-             stack: contextlib.ExitStack
+             stack: contextlib.ExitStack, signals: preemption.StopSignals
              ) -> tuple[checkpoint_lib.Checkpointer, Callable[[], None]]:
   """Takes the workdir: its lock (process 0; one lock per run), the saved
   config's check, and the checkpoints. Returns them with the lock's check,
@@ -413,8 +418,10 @@ def open_run(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     lock = runlock.acquire(workdir)
     stack.callback(lock.release)
+    signals.on_early_exit(lock.release)
     check_lock = lock.check
   rundir.check_resume_config(workdir, config.to_dict())
+  rundir.check_is_directory(rundir.checkpoint_dir(workdir))
   ckpt = checkpoint_lib.Checkpointer(
       rundir.checkpoint_dir(workdir),
       max_to_keep=config.max_checkpoints_to_keep,
@@ -439,11 +446,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with contextlib.ExitStack() as stack:
     if signals is None:
       signals = stack.enter_context(preemption.StopSignals())
-    ckpt, check_lock = open_run(config, workdir, stack)
+    ckpt, check_lock = open_run(config, workdir, stack, signals)
     finished = finished_results(config, workdir, ckpt)
     if finished is not None:
-      logging.info("%s already holds this run's results (step %d); nothing "
-                   "to do", rundir.results_path(workdir), finished["step"])
+      logging.info("%s already holds this run's results (step %d: "
+                   "test_accuracy=%s); nothing to do",
+                   rundir.results_path(workdir), finished["step"],
+                   finished.get("test_accuracy"))
       return finished
     splits = load_data(config)
     program = build_program(config, len(splits["train"].labels))

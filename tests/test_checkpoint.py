@@ -129,3 +129,33 @@ def test_state_sha256_sees_every_bit():
   b = dict(a, b=a["b"].at[3].set(np.nextafter(np.float32(1), np.float32(2))))
   assert checkpoint.state_sha256(a) == checkpoint.state_sha256(state(1))
   assert checkpoint.state_sha256(a) != checkpoint.state_sha256(b)
+
+
+def test_after_all_were_damaged_a_rerun_does_not_start_over(tmp_path):
+  """A retry loop must not turn "every checkpoint is damaged" into a silent
+  restart from step 0."""
+  ckpt = open_checkpointer(tmp_path / "checkpoints", max_to_keep=3)
+  save_all(ckpt, {1: None})
+  DAMAGE["zeroed"](tmp_path / "checkpoints" / "1")
+  with pytest.raises(RunDirError, match="every checkpoint"):
+    ckpt.restore_latest_good(ABSTRACT, tmp_path / "set_aside")
+  ckpt.close()
+  ckpt = open_checkpointer(tmp_path / "checkpoints", max_to_keep=3)
+  with pytest.raises(RunDirError, match=r"holds no checkpoint and .* holds "
+                     "damaged ones"):
+    ckpt.restore_latest_good(ABSTRACT, tmp_path / "set_aside")
+  ckpt.close()
+
+
+def test_a_step_set_aside_twice_keeps_both(tmp_path):
+  """The same divergence on a retry sets the same step aside again."""
+  aside = tmp_path / "set_aside"
+  ckpt = open_checkpointer(tmp_path / "checkpoints", max_to_keep=3)
+  moved = []
+  for _ in range(2):
+    save_all(ckpt, {2: None})
+    moved.append(ckpt.set_aside(2, aside, "diverged").name)
+  assert moved == ["2.diverged", "2.diverged.2"]
+  assert sorted(p.name for p in aside.iterdir()) == moved
+  assert ckpt.all_steps() == []
+  ckpt.close()

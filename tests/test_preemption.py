@@ -100,18 +100,26 @@ def test_signal_saves_current_step_and_resumes_exactly(
   assert resumed["params_sha256"] == uninterrupted["params_sha256"]
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, PREEMPTED),
-                                          (signal.SIGINT, INTERRUPTED)])
+@pytest.mark.parametrize("signum, code, when", [
+    (signal.SIGTERM, PREEMPTED, "imports"),
+    (signal.SIGTERM, PREEMPTED, "data"),
+    (signal.SIGINT, INTERRUPTED, "data"),
+    (signal.SIGHUP, PREEMPTED, "data")])
 def test_signal_during_start_up_exits_at_once(mnist_dir, tmp_path, signum,
-                                              code):
-  """Before the first step (data, compile, restore) there is nothing to
-  save: one line, the signal's exit code, at once, the lock released."""
+                                              code, when):
+  """Before the first step (imports, data, compile, restore) there is
+  nothing to save: one line, the signal's exit code, at once, the lock
+  released. SIGHUP (a closed terminal) counts as SIGTERM."""
   workdir = tmp_path / "run"
   proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
-  # The handlers are installed before train.py imports anything slow; the
-  # first line on stderr comes later (data loading).
-  first = proc.stderr.readline()
-  assert first, "no output"
+  # The handlers are installed before train.py imports anything slow (JAX
+  # takes seconds); the first line on stderr comes later (data loading).
+  first = ""
+  if when == "imports":
+    time.sleep(1.0)
+  else:
+    first = proc.stderr.readline()
+    assert first, "no output"
   sent = time.time()
   proc.send_signal(signum)
   stderr = first + proc.communicate(timeout=60)[1]
@@ -228,3 +236,22 @@ def test_finite_but_diverged_weights_are_not_kept(mnist_dir, tmp_path):
   assert re.search(r"at step 2\b", error) and "no checkpoint is left" in error
   assert checkpoint_steps(tmp_path) == []
   assert (tmp_path / "set_aside" / "1.diverged").is_dir()
+
+
+def test_second_run_on_a_live_workdir_is_refused(mnist_dir, tmp_path):
+  """Two train.py on one workdir: the second stops at start with one line
+  naming the first (before reading data), and the first finishes unharmed."""
+  workdir = tmp_path / "run"
+  first = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  try:
+    wait_for(lambda: logged_steps(workdir), first)
+    second = run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
+                       "--config.seed=1", check=False)
+    assert second.returncode == 2, second.stderr[-3000:]
+    errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in second.stderr
+    assert f"pid {first.pid}" in errors[0] and "in use" in errors[0], errors
+  finally:
+    _, stderr = first.communicate(timeout=300)
+  assert first.returncode == 0, stderr[-3000:]
+  assert results(workdir)["config"]["seed"] == 0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO_ROOT
 from configs import smoke
 from mnist_resnet import rundir
 from mnist_resnet.rundir import RunDirError
@@ -82,3 +86,21 @@ def test_move_tree_in_a_bucket(gcs_bucket, gcs_server):
   assert sorted(gcs_server.list_objects(bucket)) == [
       "set_aside/7.damaged/meta/c", "set_aside/7.damaged/state/a",
       "set_aside/7.damaged/state/d/b"]
+
+
+def test_checkpoints_path_that_is_a_file_is_refused_at_start(tmp_path):
+  """Found before the data is read, not at the first save after training."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a directory")
+  proc = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "train.py"),
+       f"--config={REPO_ROOT / 'configs' / 'smoke.py'}",
+       f"--workdir={workdir}", "--config.data_dir=/nonexistent"],
+      cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"error: {workdir}/checkpoints is a file, not a directory; move it "
+      "away"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
