@@ -82,10 +82,14 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
     return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(payload)
-    f.flush()
-    os.fsync(f.fileno())
+  try:
+    with open(tmp, "wb") as f:
+      f.write(payload)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    # write() and fsync() errors (a full disk) carry no file name.
+    raise OSError(e.errno, e.strerror, os.fspath(path)) from e
   os.replace(tmp, path)
 
 

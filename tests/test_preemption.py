@@ -31,12 +31,20 @@ def uninterrupted(mnist_dir, tmp_path_factory):
   return results(workdir)
 
 
+def as_from_a_terminal():
+  """Ctrl-C reaches a program started from a terminal; a test runner that
+  is itself a background job (CI) hands SIGINT down ignored, and train.py
+  keeps ignored signals ignored."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_train(workdir, *args) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.Popen(
       [sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
        f"--workdir={workdir}", *args], cwd=REPO_ROOT, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      preexec_fn=as_from_a_terminal)
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -151,7 +159,8 @@ def test_second_ctrl_c_exits_at_once():
       print("still running", flush=True)
   """)
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=20)
+                        capture_output=True, text=True, timeout=20,
+                        preexec_fn=as_from_a_terminal)
   assert proc.returncode == INTERRUPTED, proc.stderr
   assert proc.stdout == "saving\n"
   assert proc.stderr == "error: interrupted\n"
@@ -255,3 +264,27 @@ def test_second_run_on_a_live_workdir_is_refused(mnist_dir, tmp_path):
     _, stderr = first.communicate(timeout=300)
   assert first.returncode == 0, stderr[-3000:]
   assert results(workdir)["config"]["seed"] == 0
+
+
+def test_signals_ignored_at_start_stay_ignored():
+  """nohup and background jobs: an ignored SIGHUP or SIGINT is not taken
+  over (the program would otherwise die or stop where its user said not
+  to)."""
+  code = textwrap.dedent("""
+      import os, signal, time
+      signal.signal(signal.SIGHUP, signal.SIG_IGN)
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+      from mnist_resnet import preemption
+      signals = preemption.StopSignals()
+      os.kill(os.getpid(), signal.SIGHUP)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)
+      print("still running", flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(30)
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=20)
+  assert proc.stdout == "still running\n"
+  assert proc.returncode == PREEMPTED, proc.stderr
+  assert proc.stderr.startswith("stopped: SIGTERM before the first step")

@@ -374,7 +374,11 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert "train-images-idx3-ubyte" in lines[0] and str(empty) in lines[0]
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  # Found before anything was trained or saved (the workdir itself is
+  # taken first: its lock, an empty checkpoint directory).
+  checkpoints = tmp_path / "w" / "checkpoints"
+  assert not checkpoints.exists() or not list(checkpoints.iterdir())
+  assert not (tmp_path / "w" / "results.json").exists()
 
 
 @pytest.fixture(scope="module")
