@@ -49,7 +49,10 @@ class Checkpointer:
   """Saves and restores the train state under `directory`."""
 
   def __init__(self, directory: epath.Path, *, max_to_keep: int,
-               keep_best: bool = False, async_save: bool = True):
+               keep_best: bool = False, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only`: for tools that read a workdir a run may still be
+    writing: nothing is created, and a save in flight is left alone."""
     self.directory = epath.Path(directory)
     self.keep_best = keep_best
     policies = [ocp_policies.LatestN(n=max_to_keep)]
@@ -68,8 +71,9 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Leftovers of a save killed before it committed are never restored;
         # removing them at start keeps the directory readable.
-        cleanup_tmp_directories=True,
-        create=True,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
         **best,
     )
     self._manager = ocp.CheckpointManager(

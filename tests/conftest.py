@@ -72,3 +72,30 @@ _BUCKETS = itertools.count()
 def gcs_bucket(gcs_server) -> str:
   """A new empty bucket on the session's server: "gs://NAME"."""
   return gcs_server.create_bucket(f"test-bucket-{os.getpid()}-{next(_BUCKETS)}")
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(mnist_dir, tmp_path_factory) -> pathlib.Path:
+  """A tiny model's run, shared by the after-training tools' tests.
+
+  The smoke config for 60 steps (test accuracy about 0.76) with a held-out
+  validation split, so the workdir has a best checkpoint as well as the
+  latest (steps 20, 40, 60, each evaluated), and every file a run writes.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, str(REPO_ROOT / "train.py"),
+         f"--config={REPO_ROOT / 'configs' / 'smoke.py'}",
+         f"--workdir={workdir}", f"--config.data_dir={mnist_dir}",
+         "--config.num_train_steps=60", "--config.eval_every_steps=20",
+         "--config.checkpoint_every_steps=20",
+         "--config.validation_examples=5000", "--config.log_every_steps=10"]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  if proc.returncode != 0:
+    pytest.fail(f"training the shared tiny model failed "
+                f"({proc.returncode}):\n{proc.stderr[-3000:]}", pytrace=False)
+  return workdir
