@@ -48,7 +48,9 @@ def main(argv):
   config = cli.config_value(_CONFIG)
   try:
     with cli.user_errors():
-      # Before anything touches a device: join the other processes, if any.
+      # Before anything touches a device: XLA's flags, then join the other
+      # processes, if any.
+      parallel.request_deterministic_ops(config.deterministic)
       parallel.initialize_distributed(
           enabled=config.distributed,
           coordinator_address=config.coordinator_address,

@@ -37,6 +37,10 @@ def get_config(base: str = "default") -> ml_collections.ConfigDict:
   # measured. Empty means the single batch_size / image_size above.
   c.batch_sizes = ""
   c.image_sizes = ""
+  # Input pipelines the input and train modes measure, each with its own
+  # loop_efficiency: "tfdata,device", or one of them (device alone on an
+  # image without TensorFlow). Empty: config.input_pipeline.
+  c.input_pipelines = "tfdata,device"
   # Capture a jax.profiler trace of a few steps into this directory
   # (TensorBoard's profile plugin or Perfetto open it). Traced steps are
   # never timed.

@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Fetch missing files from the public MNIST mirrors (checked against the
   # official md5). False: a missing file is an error.
   c.download = True
+  # tfdata: tf.data on the host feeds each step. device: the whole dataset
+  # (47 MB) sits on every device and the step gathers its own batch; no
+  # TensorFlow needed. Both give the same batches, so the same run.
+  c.input_pipeline = "tfdata"
 
   # --- Model -------------------------------------------------------------
   # resnet50 | resnet101 | resnet152 | resnet_tiny (same code, 1 block per
@@ -137,6 +141,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "" leaves JAX's setting ($JAX_COMPILATION_CACHE_DIR, else no cache). A
   # location that cannot be written is a warning, never an error.
   c.compilation_cache_dir = "{workdir}/compilation_cache"
+  # GPUs only: deterministic XLA ops and no kernel autotuning, so a run and
+  # its resume repeat bit for bit (CPU and TPU always do; README,
+  # Determinism). Costs step time and compile time.
+  c.deterministic = False
 
   # --- Many hosts ----------------------------------------------------------
   # Join a multi-process run with jax.distributed.initialize (always done on

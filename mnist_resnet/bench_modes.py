@@ -1,11 +1,13 @@
 """The benchmark's measurements: each mode is (config, shared) -> one record.
 
-  input: the training input pipeline alone (shuffled uint8 batches from
-    memory to numpy), i.e. the ceiling it puts on training throughput.
+  input: the training input pipeline alone, i.e. the ceiling it puts on
+    training throughput: tfdata, shuffled uint8 batches from memory to
+    numpy; device, the batch gather on the devices from the dataset there.
   step: the jitted train step alone, the one training compiles, dispatched
     back to back on a device-resident synthetic batch: the most the loop
     could deliver.
-  train: the real loop of `train.train_and_evaluate` (input pipeline, step,
+  train: the real loop of `train.train_and_evaluate` (config.input_pipeline,
+    step,
     metric logging, asynchronous checkpoints at the configured cadence) for
     bench_warmup_steps + bench_steps steps. The final evaluation and
     checkpoint come after the timed steps.
@@ -61,7 +63,8 @@ def bench_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def benchmark_input(config: ml_collections.ConfigDict,
                     shared: dict[str, Any]) -> dict[str, Any]:
-  """Images/s that the training pipeline delivers to numpy, shuffle on.
+  """Images/s that config.input_pipeline delivers, shuffle on: tfdata to
+  numpy on the host, device as sharded batches on the devices.
 
   Uses config.data_dir, download, batch_size, seed and input_images (images
   timed after the warm-up; rounded up to whole batches).
@@ -76,28 +79,61 @@ def benchmark_input(config: ml_collections.ConfigDict,
                                  download=config.download)["train"]
   validation.validate_batch_fits(config, len(train_split.labels))
   batches = math.ceil(wanted / batch_size)
-  ds = data.train_dataset(train_split, global_batch_size=batch_size,
-                          seed=int(config.seed))
-  iterator = ds.as_numpy_iterator()
+  if config.input_pipeline == "device":
+    next_batch, bytes_per_example = _device_batches(config, train_split)
+  else:
+    iterator = data.train_dataset(train_split, global_batch_size=batch_size,
+                                  seed=int(config.seed)).as_numpy_iterator()
+    next_batch = lambda: next(iterator)
+    bytes_per_example = 28 * 28 + 4  # uint8 image, int32 label.
   for _ in range(INPUT_WARMUP_BATCHES):
-    next(iterator)
+    jax.block_until_ready(next_batch())
   start = time.perf_counter()
   for _ in range(batches):
-    batch = next(iterator)
+    batch = next_batch()
+  jax.block_until_ready(batch)
   seconds = time.perf_counter() - start
   assert batch["image"].shape[0] == batch_size
   images = batches * batch_size
   return {
       "mode": "input",
+      "input_pipeline": str(config.input_pipeline),
       "batch_size": batch_size,
       "images_per_sec": round(images / seconds, 1),
-      "host_to_device_bytes_per_example": _bytes_per_example(batch),
+      "host_to_device_bytes_per_example": bytes_per_example,
       "seconds": round(seconds, 4),
       "images": images,
       "batches": batches,
       "warmup_batches": INPUT_WARMUP_BATCHES,
       "shuffle": True,
   }
+
+
+def _device_batches(config: ml_collections.ConfigDict, split: mnist.Split
+                    ) -> tuple[Callable[[], Any], int]:
+  """The device pipeline's batches one after another, as the train step
+  gathers them (the step counter stays on the device too), and the bytes
+  the host sends per example after start-up: none."""
+  mesh = parallel.create_mesh()
+  batch_size = int(config.batch_size)
+  inputs = data.device_train_inputs(
+      data.to_devices(split, mesh), global_batch_size=batch_size,
+      seed=int(config.seed), start_step=0, mesh=mesh)
+
+  @jax.jit
+  def gather(device_inputs, step):
+    batch = data.gather_train_batch(device_inputs, step,
+                                    global_batch_size=batch_size, mesh=mesh)
+    return batch, step + 1
+
+  step = jax.device_put(np.int32(0), parallel.replicated(mesh))
+
+  def next_batch():
+    nonlocal step
+    batch, step = gather(next(inputs), step)
+    return batch
+
+  return next_batch, 0
 
 
 def _bytes_per_example(batch: Mapping[str, Any]) -> float:
@@ -285,8 +321,10 @@ def benchmark_step(config: ml_collections.ConfigDict,
   back. Keeps the compile figures in `shared` for the train mode."""
   validation.validate_config(config)
   warmup, steps = bench_steps(config)
-  program = train.build_program(config, mnist.TRAIN_EXAMPLES)
-  compiled, info = _compile_step(program, config)
+  bare = copy.deepcopy(config)
+  bare.input_pipeline = "tfdata"  # The step on a batch given to it.
+  program = train.build_program(bare, mnist.TRAIN_EXAMPLES)
+  compiled, info = _compile_step(program, bare)
   shared["compile"] = info
   state = program.initial_state()
   local = synthetic_batch(config)
@@ -314,15 +352,19 @@ def benchmark_step(config: ml_collections.ConfigDict,
       for _ in range(PROFILE_STEPS):
         state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-  result = _result("step", config, times, warmup, info,
+  result = _result("step", bare, times, warmup, info,
                    _bytes_per_example(local))
   del state
   return result
 
 
 def _run_name(mode: str, config: ml_collections.ConfigDict) -> str:
-  return (f"{mode}_{config.model}_{config.image_size}px_"
+  name = (f"{mode}_{config.model}_{config.image_size}px_"
           f"b{config.batch_size}_{config.dtype}")
+  # Both pipelines' train runs can be profiled side by side.
+  if mode == "train" and config.input_pipeline == "device":
+    name += "_device"
+  return name
 
 
 def benchmark_train(config: ml_collections.ConfigDict,
@@ -348,8 +390,10 @@ def benchmark_train(config: ml_collections.ConfigDict,
   info = shared.get("compile")
   if info is None:
     # Same program as the step mode's (up to the schedule's constants).
-    program = train.build_program(run, mnist.TRAIN_EXAMPLES)
-    _, info = _compile_step(program, run)
+    bare = copy.deepcopy(run)
+    bare.input_pipeline = "tfdata"
+    _, info = _compile_step(train.build_program(bare, mnist.TRAIN_EXAMPLES),
+                            bare)
   clock = ReadyClock()
   with tempfile.TemporaryDirectory(prefix="benchmark_train_") as tmp:
     workdir = tmp
@@ -361,8 +405,10 @@ def benchmark_train(config: ml_collections.ConfigDict,
       ready = clock.close()
   times = _step_seconds(ready, warmup, steps)
   last = warmup + steps
-  result = _result("train", run, times, warmup, info,
-                   _bytes_per_example(synthetic_batch(run)))
+  sent = (0 if run.input_pipeline == "device"
+          else _bytes_per_example(synthetic_batch(run)))
+  result = _result("train", run, times, warmup, info, sent)
+  result["input_pipeline"] = str(run.input_pipeline)
   result["log_every_steps"] = int(run.log_every_steps)
   result["checkpoint_every_steps"] = int(run.checkpoint_every_steps)
   result["checkpoints_in_timed_steps"] = sum(

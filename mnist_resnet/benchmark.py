@@ -10,9 +10,11 @@ train), or "all" for each of them in order followed by
 images/s / step images/s (1.0: the loop adds nothing to the step).
 
 Sweeps: config.batch_sizes and config.image_sizes (comma-separated) measure
-every combination; after more than one combination a readable table
-follows the JSON lines. Every JSON line starts with "{", so a script can
-keep those lines and skip the table. A user error (missing data, bad config
+every combination, and config.input_pipelines (tfdata, device) runs the
+input and train modes (and the `all` summary) for each pipeline; after more
+than one combination or pipeline a readable table follows the JSON lines.
+Every JSON line starts with "{", so a script can keep those lines and skip
+the table. A user error (missing data, bad config
 value) is one `error: ...` line on stderr and exit code 2.
 
 `images_per_sec` is timed images over timed seconds (every stall counts);
@@ -40,6 +42,8 @@ import ml_collections
 
 from mnist_resnet import bench_modes
 from mnist_resnet import cli
+from mnist_resnet import data
+from mnist_resnet import parallel
 from mnist_resnet.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,11 +76,23 @@ def modes_to_run(mode: str) -> list[str]:
   return [mode]
 
 
+def parse_pipelines(text: str, default: str) -> list[str]:
+  """'tfdata,device' -> both; '' -> [default] (config.input_pipeline)."""
+  text = str(text).strip()
+  names = [p.strip() for p in text.split(",")] if text else [default]
+  bad = [p for p in names if p not in data.PIPELINES]
+  if bad:
+    raise ConfigError(f"config.input_pipelines={text!r}: {bad[0]!r} is not "
+                      f"one of {', '.join(data.PIPELINES)}")
+  return list(dict.fromkeys(names))
+
+
 def loop_efficiency(step: Mapping[str, Any],
                     train_result: Mapping[str, Any]) -> dict[str, Any]:
   """The `all` summary: how much of the bare step's speed the loop keeps."""
   return {
       "mode": "all",
+      "input_pipeline": train_result["input_pipeline"],
       "model": step["model"],
       "image_size": step["image_size"],
       "dtype": step["dtype"],
@@ -109,34 +125,43 @@ def combinations(config: ml_collections.ConfigDict
 
 def run(config: ml_collections.ConfigDict,
         emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-  """Every selected mode for every combination; each result goes to `emit`
-  as soon as it is measured. The input pipeline does not depend on the
-  image size, so it is measured once per batch size."""
+  """Every selected mode for every combination and input pipeline; each
+  result goes to `emit` as soon as it is measured. The step mode does not
+  depend on the pipeline, and the input mode not on the image size, so
+  each is measured once per combination that changes it."""
   modes = modes_to_run(config.mode)
   bench_modes.bench_steps(config)
+  pipelines = parse_pipelines(config.input_pipelines, config.input_pipeline)
   results = []
-  seen_input: set[int] = set()
+  seen_input: set[tuple[int, str]] = set()
   for c in combinations(config):
     shared: dict[str, Any] = {}
-    by_mode = {}
-    for mode in modes:
-      if mode == "input":
-        if c.batch_size in seen_input:
+    step = None
+    for pipeline in pipelines:
+      c.input_pipeline = pipeline
+      by_mode = {}
+      for mode in modes:
+        if mode == "input":
+          if (c.batch_size, pipeline) in seen_input:
+            continue
+          seen_input.add((c.batch_size, pipeline))
+        if mode == "step" and step is not None:
           continue
-        seen_input.add(c.batch_size)
-      by_mode[mode] = bench_modes.MODES[mode](c, shared)
-      results.append(by_mode[mode])
-      emit(by_mode[mode])
-    if config.mode == "all":
-      summary = loop_efficiency(by_mode["step"], by_mode["train"])
-      results.append(summary)
-      emit(summary)
+        by_mode[mode] = bench_modes.MODES[mode](c, shared)
+        results.append(by_mode[mode])
+        emit(by_mode[mode])
+      step = by_mode.get("step", step)
+      if config.mode == "all":
+        summary = loop_efficiency(step, by_mode["train"])
+        results.append(summary)
+        emit(summary)
   return results
 
 
 _TABLE_COLUMNS = (
     # (heading, key, format)
     ("mode", "mode", "{}"),
+    ("input", "input_pipeline", "{}"),
     ("model", "model", "{}"),
     ("size", "image_size", "{}"),
     ("batch", "batch_size", "{}"),
@@ -160,7 +185,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     rows.append([fmt.format(r[key]) if r.get(key) is not None else "-"
                  for _, key, fmt in _TABLE_COLUMNS])
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = ["  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w)
+  lines = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)
                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
            for row in rows]
   lines.insert(1, "-" * len(lines[0]))
@@ -172,8 +197,11 @@ def main(argv: list[str]) -> None:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config_value(_CONFIG)
   with cli.user_errors():
+    # Before anything touches a device (a GPU's deterministic mode).
+    parallel.request_deterministic_ops(config.deterministic)
     results = run(config, lambda r: print(json.dumps(r), flush=True))
-    if len(combinations(config)) > 1:
+    if len(combinations(config)) * len(parse_pipelines(
+        config.input_pipelines, config.input_pipeline)) > 1:
       print(format_table(results), flush=True)
 
 

@@ -3,7 +3,8 @@
 An `Evaluator` is built once per run (jitted step, test pipeline) and called
 with a train state whenever the loop evaluates. Batches are padded to whole
 global batches and the padding masked, so no example is dropped or counted
-twice, whatever the batch size and device count.
+twice, whatever the batch size and device count. With the device pipeline
+the split sits on the devices and one jitted call loops over its batches.
 """
 
 from __future__ import annotations
@@ -54,34 +55,72 @@ def make_eval_step(model: models.ResNet,
   return eval_step
 
 
+def make_eval_all(model: models.ResNet, model_input: preprocess.ModelInput,
+                  *, num_examples: int, global_batch_size: int,
+                  mesh: jax.sharding.Mesh) -> Callable:
+  """(sums, params, batch_stats, split on device) -> sums over every batch
+  of the split, as `eval_step` over `data.test_dataset` computes them."""
+  eval_step = make_eval_step(model, model_input)
+  num_batches = -(-num_examples // global_batch_size)
+
+  def eval_all(sums, params, batch_stats, on_device):
+    def body(b, sums):
+      batch = data.gather_test_batch(on_device, b,
+                                     global_batch_size=global_batch_size,
+                                     mesh=mesh)
+      return eval_step(sums, params, batch_stats, batch)
+    return jax.lax.fori_loop(0, num_batches, body, sums)
+
+  return eval_all
+
+
 class Evaluator:
   """Loss, accuracy and per-class accuracy of a state on one split; the
-  result's keys start with `name` ("test_accuracy", "validation_loss")."""
+  result's keys start with `name` ("test_accuracy", "validation_loss").
+  `pipeline` is the run's input pipeline ("tfdata" or "device")."""
 
   def __init__(self, model: models.ResNet, model_input: preprocess.ModelInput,
                split: mnist.Split, *, batch_size: int,
-               mesh: jax.sharding.Mesh, name: str = "test"):
-    self._mesh = mesh
+               mesh: jax.sharding.Mesh, name: str = "test",
+               pipeline: str = "tfdata"):
     self.name = name
     rep = parallel.replicated(mesh)
-    self._step = jax.jit(
-        make_eval_step(model, model_input),
-        in_shardings=(rep, rep, rep, parallel.batch_sharding(mesh)),
-        out_shardings=rep, donate_argnums=(0,))
     # Whole rows per device: the padding absorbs the rounding up.
     devices = mesh.devices.size
     self.batch_size = -(-batch_size // devices) * devices
-    self._batches = data.test_dataset(
-        split, global_batch_size=self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    self._zeros = jax.jit(_zero_sums, out_shardings=rep)
+    self._on_device = None
+    if pipeline == "device":
+      self._on_device = data.to_devices(split, mesh)
+      self._eval_all = jax.jit(
+          make_eval_all(model, model_input, num_examples=len(split.labels),
+                        global_batch_size=self.batch_size, mesh=mesh),
+          in_shardings=(rep, rep, rep, rep), out_shardings=rep,
+          donate_argnums=(0,))
+    else:
+      self._step = jax.jit(
+          make_eval_step(model, model_input),
+          in_shardings=(rep, rep, rep, parallel.batch_sharding(mesh)),
+          out_shardings=rep, donate_argnums=(0,))
+      self._batches = data.test_dataset(
+          split, global_batch_size=self.batch_size,
+          process_index=jax.process_index(),
+          process_count=jax.process_count())
+    self._mesh = mesh
 
-  def __call__(self, state: steps.TrainState) -> dict[str, Any]:
-    sums = parallel.replicate(_zero_sums(), self._mesh)
+  def _sums(self, state: steps.TrainState) -> dict[str, np.ndarray]:
+    sums = self._zeros()
     params, batch_stats = steps.eval_variables(state)
+    if self._on_device is not None:
+      return jax.device_get(
+          self._eval_all(sums, params, batch_stats, self._on_device))
     for local in self._batches.as_numpy_iterator():
       sums = self._step(sums, params, batch_stats,
                         parallel.global_batch(local, self._mesh))
-    sums = jax.device_get(sums)
+    return jax.device_get(sums)
+
+  def __call__(self, state: steps.TrainState) -> dict[str, Any]:
+    sums = self._sums(state)
     count = int(sums["count"])
     per_class = sums["class_correct"] / np.maximum(sums["class_count"], 1)
     if self.name != "test":

@@ -7,16 +7,19 @@ own rows of every global batch, so the global batch does not depend on how
 many processes share it, and a run resumed at step s seeks straight to it.
 
 This module holds the definition (`global_batch_indices`, in numpy) and its
-twins for the input pipelines, which must compute exactly the same order.
+twins for the two input pipelines, which must compute exactly the same order.
 The order is defined with 32-bit integer arithmetic so that every twin can
 reproduce it bit for bit. The TensorFlow twin keeps Python out of the tf.data
 graph: a tf.numpy_function there holds the GIL against the training loop and
 can deadlock interpreter shutdown while a prefetching iterator is still
-alive. TensorFlow is passed in, never imported here.
+alive. TensorFlow is passed in, never imported here. The jax.numpy twin runs
+on the accelerators, for the device-resident pipeline.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mnist_resnet.errors import DataError
@@ -102,6 +105,32 @@ def _epoch_permutation_tf(tf, num_examples: int, seed: int, epoch):
   keys = mix(mix(tf.bitwise.bitwise_xor(index, k1)) + k2)
   # Keys are distinct, so any sort gives the same order as numpy's.
   return tf.argsort(tf.cast(keys, tf.int64), stable=True)
+
+
+def epoch_permutation_jax(num_examples: int, seed: int,
+                          epoch: jax.Array) -> jax.Array:
+  """`_epoch_permutation` in jax.numpy, for a traced uint32 scalar `epoch`
+  (epochs past 2^32 would need its high word, which is 0 here)."""
+  if num_examples >= 2**32:
+    raise ValueError(f"at most 2^32 - 1 examples, got {num_examples}")
+
+  def mix(x):  # uint32 arithmetic wraps, as in numpy.
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(_MIX_MUL1)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(_MIX_MUL2)
+    return x ^ (x >> 16)
+
+  seed %= 2**64
+  u32 = lambda v: jnp.uint32(v & _MASK32)
+  a = mix(u32(seed) ^ u32(_SEED_SALT))
+  a = mix(a ^ u32(seed >> 32))
+  a = mix(a ^ jnp.asarray(epoch, jnp.uint32))
+  a = mix(a ^ u32(0))
+  k1, k2 = a, mix(a ^ u32(_KEY2_SALT))
+  keys = mix(mix(jnp.arange(num_examples, dtype=jnp.uint32) ^ k1) + k2)
+  # Keys are distinct, so any sort gives the same order as numpy's.
+  return jnp.argsort(keys).astype(jnp.int32)
 
 
 def global_batch_indices(num_examples: int, global_batch_size: int, seed: int,

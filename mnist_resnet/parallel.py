@@ -61,7 +61,26 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 # --------------------------------------------------------------------------
-# Multi-process start-up.
+# Start-up: before anything touches a device.
+
+# XLA:GPU's switch for reproducible runs: ops without a deterministic
+# implementation (atomics-based scatter and reductions) are replaced, and
+# kernels are no longer chosen by timing them (autotuning picks by the
+# clock, so two runs can pick kernels that round differently). CPU and TPU
+# ignore it.
+DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true",)
+
+
+def request_deterministic_ops(enabled: bool) -> None:
+  """Adds the deterministic GPU flags to XLA_FLAGS when `enabled`. XLA reads
+  XLA_FLAGS once, when the first backend starts: call before that."""
+  if not enabled:
+    return
+  import os  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  missing = [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags]
+  os.environ["XLA_FLAGS"] = " ".join(flags + missing)
+
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"

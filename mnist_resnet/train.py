@@ -7,8 +7,10 @@
      jitted train step;
   4. restore the newest good checkpoint, else initialise (pretrained backbone
      or scratch);
-  5. the loop: per-process tf.data shard -> global array -> train step, with
-     periodic evaluation, asynchronous checkpoints and signals;
+  5. the loop: per-process tf.data shard -> global array -> train step (or
+     the device pipeline: the step gathers its batch from the dataset on the
+     devices), with periodic evaluation, asynchronous checkpoints and
+     signals;
   6. the best checkpoint's figures, results.json.
 
 Data order, augmentation and dropout are pure functions of (seed, step), so a
@@ -160,13 +162,18 @@ def build_program(config: ml_collections.ConfigDict,
       grad_clip_norm=config.grad_clip_norm)
   inputs = model_input(config)
   rep = parallel.replicated(mesh)
-  train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, model_input=inputs,
-                            groups=groups,
-                            label_smoothing=config.label_smoothing,
-                            ema_decay=config.ema_decay, seed=config.seed),
-      in_shardings=(rep, parallel.batch_sharding(mesh)),
-      out_shardings=(rep, rep), donate_argnums=(0,))
+  step_fn = steps.make_train_step(model, tx, schedule, model_input=inputs,
+                                  groups=groups,
+                                  label_smoothing=config.label_smoothing,
+                                  ema_decay=config.ema_decay, seed=config.seed)
+  batch_sharding = parallel.batch_sharding(mesh)
+  if config.input_pipeline == "device":
+    # The step gathers its own batch from the dataset on the devices.
+    step_fn = data.with_device_batches(
+        step_fn, global_batch_size=config.batch_size, mesh=mesh)
+    batch_sharding = rep
+  train_step = jax.jit(step_fn, in_shardings=(rep, batch_sharding),
+                       out_shardings=(rep, rep), donate_argnums=(0,))
   size, dtype = config.image_size, models.DTYPES[config.dtype]
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
 
@@ -222,7 +229,8 @@ def create_evaluators(config: ml_collections.ConfigDict, program: Program,
   """The test set's evaluator, then the validation split's if held out."""
   return [evaluator_lib.Evaluator(
       program.model, program.model_input, splits[name],
-      batch_size=config.eval_batch_size, mesh=program.mesh, name=name)
+      batch_size=config.eval_batch_size, mesh=program.mesh, name=name,
+      pipeline=config.input_pipeline)
           for name in ("test", "validation") if name in splits]
 
 
@@ -260,14 +268,25 @@ def set_aside_diverged(ckpt: checkpoint_lib.Checkpointer, e: Diverged,
   return TrainingError(said + "; lower the learning rate or clip gradients")
 
 
-def train_batches(config: ml_collections.ConfigDict, train: mnist.Split,
-                  start: int, total: int) -> Iterator[dict[str, np.ndarray]]:
-  """This process's shard of the global batches of steps start + 1 .. total."""
-  return data.train_dataset(
+def train_inputs(config: ml_collections.ConfigDict, program: Program,
+                 train: mnist.Split, start: int, total: int) -> Iterator[Any]:
+  """The train step's second argument for steps start + 1 .. total.
+
+  tfdata: the global batch, assembled from this process's rows. device: the
+  dataset on the devices and the epoch's permutation; the step gathers the
+  batch itself.
+  """
+  mesh = program.mesh
+  if config.input_pipeline == "device":
+    return data.device_train_inputs(
+        data.to_devices(train, mesh), global_batch_size=config.batch_size,
+        seed=config.seed, start_step=start, mesh=mesh)
+  local = data.train_dataset(
       train, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start, num_steps=total - start,
       process_index=jax.process_index(),
       process_count=jax.process_count()).as_numpy_iterator()
+  return (parallel.global_batch(batch, mesh) for batch in local)
 
 
 def train_loop(config: ml_collections.ConfigDict, workdir: str,
@@ -285,9 +304,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
   known finite: that is the next step's train loss, fetched right after the
   step following each save; a non-finite one sets the checkpoint aside.
   """
-  total, mesh = program.total_steps, program.mesh
+  total = program.total_steps
   period = eval_period(config, len(splits["train"].labels))
-  batches = train_batches(config, splits["train"], start, total)
+  inputs = train_inputs(config, program, splits["train"], start, total)
   reporter = reporting.Reporter(workdir, writes=jax.process_index() == 0,
                                 total_steps=total, start_step=start)
   log = reporting.TrainLog(reporter, batch_size=config.batch_size,
@@ -314,8 +333,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start + 1, total + 1):
       profile.before_step(step)
-      state, metrics = program.train_step(
-          state, parallel.global_batch(next(batches), mesh))
+      state, metrics = program.train_step(state, next(inputs))
       log.dispatched(step, metrics)
       profile.after_step(step, state)
       if on_step is not None:

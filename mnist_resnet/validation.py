@@ -13,6 +13,7 @@ from typing import Mapping
 import jax
 import ml_collections
 
+from mnist_resnet import data
 from mnist_resnet import files
 from mnist_resnet import mnist
 from mnist_resnet import models
@@ -26,6 +27,7 @@ _CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "trainable": ("all", "head"),
     "dtype": tuple(models.DTYPES),
+    "input_pipeline": data.PIPELINES,
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "log_every_steps",
              "checkpoint_every_steps", "max_checkpoints_to_keep",
@@ -79,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key, options in _CHOICES.items():
     if config[key] not in options:
       _fail(config, key, f"must be one of {', '.join(options)}")
+  data.check_available(config.input_pipeline)
   if config.model not in models.MODELS:
     _fail(config, "model",
           f"unknown model; known: {', '.join(sorted(models.MODELS))}")

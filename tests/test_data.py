@@ -223,3 +223,63 @@ def test_test_pipeline_two_processes(splits):
   # The last global batch: process 0 holds real rows, process 1 only padding.
   assert per_process[0][-1]["mask"].sum() == 10000 - 13 * g
   assert per_process[1][-1]["mask"].sum() == 0
+
+
+# --- Device pipeline -----------------------------------------------------------
+
+
+def _device_batches(split, *, global_batch_size, seed, start_step, num_steps):
+  """The device pipeline's batches, gathered by the jitted function the
+  train step uses, on every device of this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mnist_resnet import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh()
+  inputs = data.device_train_inputs(
+      data.to_devices(split, mesh), global_batch_size=global_batch_size,
+      seed=seed, start_step=start_step, mesh=mesh)
+  gather = jax.jit(lambda i, s: data.gather_train_batch(
+      i, s, global_batch_size=global_batch_size, mesh=mesh))
+  out = []
+  for step in range(start_step, start_step + num_steps):
+    batch = gather(next(inputs), np.int32(step))
+    assert batch["image"].sharding.is_equivalent_to(
+        parallel.batch_sharding(mesh), 3)
+    out.append(jax.device_get(batch))
+  return out
+
+
+@pytest.mark.parametrize("start_step", [0, 7])
+def test_device_pipeline_gives_the_tf_data_batches(start_step):
+  """Same batches as tf.data, across epoch boundaries (10 steps per epoch
+  here) and from a resume point."""
+  rng = np.random.default_rng(1)
+  split = mnist.Split(rng.integers(0, 256, (105, 28, 28), dtype=np.uint8),
+                      rng.integers(0, 10, 105).astype(np.int32))
+  kwargs = dict(global_batch_size=10, seed=3, start_step=start_step,
+                num_steps=25)
+  device = _device_batches(split, **kwargs)
+  host = _batches(data.train_dataset(split, **kwargs))
+  assert len(device) == len(host) == 25
+  for d, h in zip(device, host):
+    np.testing.assert_array_equal(d["image"], h["image"])
+    np.testing.assert_array_equal(d["label"], h["label"])
+
+
+def test_device_test_batches_equal_the_test_pipeline():
+  """Evaluation on the device sees exactly the tf.data test batches:
+  padding rows zero and masked."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mnist_resnet import parallel  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  split = mnist.Split(rng.integers(0, 256, (23, 28, 28), dtype=np.uint8),
+                      rng.integers(0, 10, 23).astype(np.int32))
+  mesh = parallel.create_mesh()
+  on_device = data.to_devices(split, mesh)
+  gather = jax.jit(lambda d, b: data.gather_test_batch(
+      d, b, global_batch_size=8, mesh=mesh))
+  host = _batches(data.test_dataset(split, global_batch_size=8))
+  assert len(host) == 3
+  for b, expected in enumerate(host):
+    got = jax.device_get(gather(on_device, np.int32(b)))
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(got[key], expected[key])

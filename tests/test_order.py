@@ -77,3 +77,17 @@ def test_local_batch_size():
 def test_negative_step_rejected():
   with pytest.raises(ValueError, match="step must be >= 0"):
     order.global_batch_indices(1000, 100, 0, -1)
+
+
+@pytest.mark.parametrize("num_examples, seed, epoch", [
+    (60000, 0, 0), (60000, 0, 7), (1000, 2**40 + 5, 3), (97, -1, 2**31 - 1),
+    (55000, 123, 1000)])
+def test_jax_twin_equals_the_reference(num_examples, seed, epoch):
+  """The device pipeline's order, computed by jax on the device, is the
+  numpy definition bit for bit (high seed bits and large epochs too)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  permutation = jax.jit(lambda e: order.epoch_permutation_jax(
+      num_examples, seed, e))
+  np.testing.assert_array_equal(
+      np.asarray(permutation(np.uint32(epoch))),
+      order._epoch_permutation(num_examples, seed, epoch))

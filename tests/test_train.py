@@ -20,13 +20,18 @@ from conftest import REPO_ROOT
 SMOKE = str(REPO_ROOT / "configs" / "smoke.py")
 
 
+NO_TENSORFLOW = str(REPO_ROOT / "tests" / "no_tensorflow.py")
+
+
 def run_train(workdir, *overrides, config=SMOKE, devices=1, check=True,
-              timeout=600):
-  """Runs train.py in a subprocess with `devices` CPU devices."""
+              timeout=600, without_tensorflow=False):
+  """Runs train.py in a subprocess with `devices` CPU devices (and where
+  `import tensorflow` fails, if `without_tensorflow`)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, str(REPO_ROOT / "train.py"), f"--config={config}",
+  python = [sys.executable] + ([NO_TENSORFLOW] if without_tensorflow else [])
+  cmd = [*python, str(REPO_ROOT / "train.py"), f"--config={config}",
          f"--workdir={workdir}", *overrides]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
@@ -198,15 +203,71 @@ def assert_same_training(workdir_a, workdir_b, mnist_dir):
       np.linalg.norm(deltas[1] - deltas[0]), 1e-3 * np.linalg.norm(deltas[0]))
 
 
-@pytest.mark.slow
-def test_eight_devices_match_one(mnist_dir, tmp_path):
-  """Same global batch on 1 and 8 devices: the same training, to rounding."""
+@pytest.fixture(scope="module")
+def tfdata_runs(mnist_dir, tmp_path_factory):
+  """EQUIVALENCE_ARGS through tf.data, on 1 and on 8 devices."""
+  base = tmp_path_factory.mktemp("tfdata_runs")
   args = (f"--config.data_dir={mnist_dir}", *EQUIVALENCE_ARGS)
-  run_train(tmp_path / "one", *args, devices=1)
-  run_train(tmp_path / "eight", *args, devices=8)
-  assert (results(tmp_path / "one")["devices"],
-          results(tmp_path / "eight")["devices"]) == (1, 8)
-  assert_same_training(tmp_path / "one", tmp_path / "eight", mnist_dir)
+  run_train(base / "one", *args, devices=1)
+  run_train(base / "eight", *args, devices=8)
+  return base
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(tfdata_runs, mnist_dir):
+  """Same global batch on 1 and 8 devices: the same training, to rounding."""
+  assert (results(tfdata_runs / "one")["devices"],
+          results(tfdata_runs / "eight")["devices"]) == (1, 8)
+  assert_same_training(tfdata_runs / "one", tfdata_runs / "eight", mnist_dir)
+
+
+def assert_same_run(workdir_a, workdir_b):
+  """Bit for bit: parameters, per-step losses, evaluation."""
+  a, b = results(workdir_a), results(workdir_b)
+  assert a["params_sha256"] == b["params_sha256"]
+  assert train_losses(workdir_a) == train_losses(workdir_b)
+  for key in ("test_accuracy", "test_loss", "per_class_accuracy",
+              "eval_examples"):
+    assert a[key] == b[key], key
+
+
+@pytest.mark.slow
+def test_device_pipeline_matches_tf_data_on_eight_devices(tfdata_runs,
+                                                          mnist_dir,
+                                                          tmp_path):
+  run_train(tmp_path / "device", f"--config.data_dir={mnist_dir}",
+            *EQUIVALENCE_ARGS, "--config.input_pipeline=device", devices=8)
+  assert results(tmp_path / "device")["devices"] == 8
+  assert_same_run(tfdata_runs / "eight", tmp_path / "device")
+
+
+@pytest.mark.slow
+def test_device_pipeline_trains_without_tensorflow(tfdata_runs, mnist_dir,
+                                                   tmp_path):
+  """train.py with input_pipeline=device where TensorFlow cannot be
+  imported: the run completes, equals the tf.data run bit for bit, and its
+  TensorBoard events are written and read back (here, with TensorFlow)."""
+  run_train(tmp_path / "device", f"--config.data_dir={mnist_dir}",
+            *EQUIVALENCE_ARGS, "--config.input_pipeline=device",
+            without_tensorflow=True)
+  assert_same_run(tfdata_runs / "one", tmp_path / "device")
+  scalars = tensorboard_scalars(tmp_path / "device")
+  assert sorted(scalars) == list(range(1, 21))
+  assert [scalars[s]["train_loss"] for s in range(1, 21)] == pytest.approx(
+      train_losses(tmp_path / "device"), rel=1e-6)
+  assert scalars[20]["test_accuracy"] == pytest.approx(
+      results(tmp_path / "device")["test_accuracy"])
+
+
+def test_tf_data_pipeline_without_tensorflow_is_one_line_exit_2(mnist_dir,
+                                                                 tmp_path):
+  proc = run_train(tmp_path / "w", f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=2", check=False,
+                   without_tensorflow=True)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: config.input_pipeline='tfdata' needs TensorFlow"), proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def _wait_for_checkpoint(proc, directory: pathlib.Path, timeout=300):
