@@ -97,10 +97,14 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
                       "(train.py writes it when a run starts)")
   if not isinstance(saved, dict) or "model" not in saved:
     raise RunDirError(f"{path} is not a training config")
-  config = ml_collections.ConfigDict(saved)
-  # JSON has no tuples; the model builder takes a sequence either way.
-  if "hidden_units" in config:
-    config.hidden_units = tuple(config.hidden_units)
+  # Keys added since the run started take their defaults (none changes
+  # what a trained model computes).
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  for key, value in saved.items():
+    if key in config and isinstance(config[key], tuple):
+      value = tuple(value)  # JSON has no tuples.
+    config[key] = value
   return config
 
 
