@@ -39,11 +39,15 @@ STEP_FIELDS = (
     "peak_memory_bytes", "host_to_device_bytes_per_example")
 
 
-def _run(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+def _run(*args: str, devices: int = 1,
+         without_tensorflow: bool = False) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  python = [sys.executable] + (
+      [str(REPO_ROOT / "tests" / "no_tensorflow.py")]
+      if without_tensorflow else [])
   return subprocess.run(
-      [sys.executable, "-m", "mnist_resnet.benchmark",
+      [*python, "-m", "mnist_resnet.benchmark",
        "--config=configs/benchmark.py", *args],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -75,7 +79,8 @@ def _tiny_train_flops(batch: int, size: int) -> float:
 
 
 def _check_measurement(r: dict, mode: str, batch: int, size: int,
-                       devices: int = 1, warmup: int | None = 1) -> None:
+                       devices: int = 1, warmup: int | None = 1,
+                       sent_bytes: int = 28 * 28 + 4) -> None:
   for key in STEP_FIELDS:
     assert key in r, key
   assert r["mode"] == mode
@@ -115,23 +120,27 @@ def _check_measurement(r: dict, mode: str, batch: int, size: int,
   assert r["flops_per_example_train_model"] == analytic / batch
   assert analytic / 2 <= r["flops_per_step_xla"] <= analytic * 2, (
       r["flops_per_step_xla"], analytic)
-  # uint8 28x28 image + int32 label, whatever the model's input size.
-  assert r["host_to_device_bytes_per_example"] == 28 * 28 + 4
+  # uint8 28x28 image + int32 label, whatever the model's input size (none
+  # with the device pipeline).
+  assert r["host_to_device_bytes_per_example"] == sent_bytes
   assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU.
   assert r["peak_tflops_per_device"] is None
 
 
-def _check_input(r: dict, batch: int, wanted: int) -> None:
+def _check_input(r: dict, batch: int, wanted: int,
+                 pipeline: str = "tfdata") -> None:
   """The input mode's record, for --config.input_images=wanted."""
   assert r["mode"] == "input"
+  assert r["input_pipeline"] == pipeline
   assert r["batch_size"] == batch
   assert r["shuffle"] is True
   assert r["warmup_batches"] == bench_modes.INPUT_WARMUP_BATCHES
   # input_images rounded up to whole batches.
   assert r["batches"] == math.ceil(wanted / batch)
   assert r["images"] == r["batches"] * batch
-  # uint8 28x28 image + int32 label.
-  assert r["host_to_device_bytes_per_example"] == 28 * 28 + 4 == 788
+  # uint8 28x28 image + int32 label; nothing after start-up on the device.
+  assert r["host_to_device_bytes_per_example"] == (
+      788 if pipeline == "tfdata" else 0)
   assert r["seconds"] > 0
   # images / seconds, with seconds printed to 4 decimals and images/s to 1.
   low = r["images"] / (r["seconds"] + 5e-5) - 0.05
@@ -146,34 +155,61 @@ def test_all_modes_tiny_model(mnist_dir, tmp_path):
                 f"--config.profile_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
   lines = _json_lines(result.stdout)
-  assert [r["mode"] for r in lines] == ["input", "step", "train", "all"]
-  assert len(result.stdout.strip().splitlines()) == 4  # No table: one run.
-  inp, step, train, summary = lines
-  _check_input(inp, 32, 2000)
+  # Both input pipelines (the benchmark config's default); one step.
+  assert [(r["mode"], r.get("input_pipeline")) for r in lines] == [
+      ("input", "tfdata"), ("step", None), ("train", "tfdata"),
+      ("all", "tfdata"), ("input", "device"), ("train", "device"),
+      ("all", "device")]
+  step = lines[1]
   _check_measurement(step, "step", 32, 32, warmup=1)
-  # The profile covers steps 11-13, so the train mode warms up past them.
-  _check_measurement(train, "train", 32, 32, warmup=(
-      reporting.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS))
-  assert train["compile_seconds"] == step["compile_seconds"]
-  # The training config's cadences; no checkpoint among the timed steps.
-  assert train["log_every_steps"] == 10
-  assert train["checkpoint_every_steps"] == 500
-  assert train["checkpoints_in_timed_steps"] == 0
-  assert {k: summary[k] for k in ("model", "image_size", "dtype",
-                                  "batch_size")} == {
-      "model": "resnet_tiny", "image_size": 32, "dtype": "float32",
-      "batch_size": 32}
-  assert summary["step_images_per_sec"] == step["images_per_sec"]
-  assert summary["train_images_per_sec"] == train["images_per_sec"]
-  # train images/s / step images/s, printed to 4 decimals.
-  assert summary["loop_efficiency"] == pytest.approx(
-      train["images_per_sec"] / step["images_per_sec"], abs=5.1e-5)
-  # Both profiles were written: the step mode's and train.py's own.
+  for pipeline, (inp, train, summary) in (
+      ("tfdata", (lines[0], lines[2], lines[3])), ("device", lines[4:7])):
+    _check_input(inp, 32, 2000, pipeline)
+    # The profile covers steps 11-13, so the train mode warms up past them.
+    _check_measurement(
+        train, "train", 32, 32,
+        warmup=reporting.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS,
+        sent_bytes=788 if pipeline == "tfdata" else 0)
+    assert train["compile_seconds"] == step["compile_seconds"]
+    # The training config's cadences; no checkpoint among the timed steps.
+    assert train["log_every_steps"] == 10
+    assert train["checkpoint_every_steps"] == 500
+    assert train["checkpoints_in_timed_steps"] == 0
+    assert {k: summary[k] for k in ("model", "image_size", "dtype",
+                                    "batch_size", "input_pipeline")} == {
+        "model": "resnet_tiny", "image_size": 32, "dtype": "float32",
+        "batch_size": 32, "input_pipeline": pipeline}
+    assert summary["step_images_per_sec"] == step["images_per_sec"]
+    assert summary["train_images_per_sec"] == train["images_per_sec"]
+    # train images/s / step images/s, printed to 4 decimals.
+    assert summary["loop_efficiency"] == pytest.approx(
+        train["images_per_sec"] / step["images_per_sec"], abs=5.1e-5)
+  # Two pipelines: a table follows the JSON lines.
+  assert len(result.stdout.strip().splitlines()) == len(lines) + 2 + len(
+      lines)
+  # Every profile was written: the step mode's and train.py's own, for each
+  # pipeline.
   traces = sorted(p.relative_to(tmp_path).parts[0]
                   for p in tmp_path.rglob("*.xplane.pb"))
   assert traces == ["step_resnet_tiny_32px_b32_float32",
-                    "train_resnet_tiny_32px_b32_float32"], traces
+                    "train_resnet_tiny_32px_b32_float32",
+                    "train_resnet_tiny_32px_b32_float32_device"], traces
   assert list(tmp_path.glob("step_*/**/perfetto_trace.json.gz"))
+
+
+def test_device_pipeline_benchmarks_without_tensorflow(mnist_dir):
+  """Every mode with input_pipelines=device where TensorFlow cannot be
+  imported, as on an accelerator image without it."""
+  result = _run(*FAST, "--config.mode=all", f"--config.data_dir={mnist_dir}",
+                "--config.batch_size=32", "--config.input_images=640",
+                "--config.input_pipelines=device", without_tensorflow=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _json_lines(result.stdout)
+  assert [(r["mode"], r.get("input_pipeline")) for r in lines] == [
+      ("input", "device"), ("step", None), ("train", "device"),
+      ("all", "device")]
+  _check_input(lines[0], 32, 640, "device")
+  _check_measurement(lines[2], "train", 32, 32, sent_bytes=0)
 
 
 def test_sweep_prints_every_combination_and_a_table():
@@ -190,10 +226,10 @@ def test_sweep_prints_every_combination_and_a_table():
   out = result.stdout.splitlines()
   assert all(l.startswith("{") for l in out[:len(lines)])
   table = out[len(lines):]
-  assert table[0].split()[:4] == ["mode", "model", "size", "batch"]
+  assert table[0].split()[:5] == ["mode", "input", "model", "size", "batch"]
   assert set(table[1]) == {"-"}
   assert [row.split() for row in table[2:]] == [[
-      "step", "resnet_tiny", "28", str(r["batch_size"]),
+      "step", "-", "resnet_tiny", "28", str(r["batch_size"]),
       str(r["per_device_batch_size"]), "float32",
       f"{r['step_ms_median']:.1f}", f"{r['step_ms_p10']:.1f}",
       f"{r['step_ms_p90']:.1f}", f"{r['images_per_sec']:.1f}",
@@ -204,7 +240,7 @@ def test_sweep_prints_every_combination_and_a_table():
 def test_input_benchmark_prints_json(mnist_dir):
   result = _run("--config.mode=input", f"--config.data_dir={mnist_dir}",
                 "--config.download=false", "--config.input_images=20000",
-                "--config.batch_size=128")
+                "--config.batch_size=128", "--config.input_pipelines=tfdata")
   assert result.returncode == 0, result.stderr
   out = result.stdout.strip().splitlines()
   assert len(out) == 1, result.stdout  # One measurement: no table.
@@ -229,6 +265,8 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
     (("--config.batch_sizes=64,x",), "config.batch_sizes='64,x'"),
     (("--config.image_sizes=0",), "config.image_sizes='0'"),
     (("--config.bench_steps=0",), "config.bench_steps=0"),
+    (("--config.input_pipelines=tfdata,disk",),
+     "config.input_pipelines='tfdata,disk': 'disk' is not one of"),
 ])
 def test_bad_benchmark_keys_are_config_errors(tmp_path, args, message):
   result = _run(*args, f"--config.data_dir={tmp_path}")
