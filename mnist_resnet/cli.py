@@ -98,8 +98,18 @@ class _QuietLibraries(py_logging.Filter):
       "orbax", "tensorflow", "jax"))
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if _read_only_note(record):
+      return False
     return record.levelno >= py_logging.WARNING or not any(
         n in record.pathname for n in self._NOISY)
+
+
+def _read_only_note(record: py_logging.LogRecord) -> bool:
+  """orbax's warnings that checkpoints are opened read-only: the tools that
+  read a trained run (trained.load) do so on purpose."""
+  return (record.levelno == py_logging.WARNING and
+          os.sep + "orbax" + os.sep in record.pathname and
+          "read only" in record.getMessage().replace("_", " "))
 
 
 class _ProcessTag(py_logging.Filter):

@@ -31,7 +31,6 @@ import errno
 import hashlib
 import importlib.util
 import json
-import logging as py_logging
 import os
 import secrets
 import shutil
@@ -272,16 +271,6 @@ def export(workdir: str, step: str, out: str, formats: tuple[str, ...],
   return report
 
 
-class _ReadOnlyNotes(py_logging.Filter):
-  """Drops orbax's warnings that the checkpoints are opened read-only:
-  `trained.load` does so on purpose, and the user can do nothing about it."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return not (record.levelno == py_logging.WARNING and
-                "orbax" in record.pathname and
-                "read only" in record.getMessage().replace("_", " "))
-
-
 def _define_flags() -> None:
   # Only when run as a program: the other tools of a run define --workdir
   # and --step too, and a process may import several of them.
@@ -303,7 +292,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  py_logging.getLogger("absl").addFilter(_ReadOnlyNotes())
   with cli.user_errors():
     formats = _choices(f.formats, FORMATS, "formats")
     platforms = _choices(f.platforms, KNOWN_PLATFORMS, "platforms")

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -91,6 +92,18 @@ class Reporter:
     else:
       logging.info("step %d: %s", step, text)
 
+  def image(self, step: int, tag: str, png_bytes: bytes) -> None:
+    """Records a PNG picture (a confusion matrix) for TensorBoard's images
+    tab; it reaches the event file as scalars do."""
+    if self._events is None:
+      return
+    width, height, channels = _png_shape(png_bytes)
+    self._events.image(step, tag, png_bytes, height, width,
+                       channels=channels)
+    self._dirty = True
+    if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
+      self.flush()
+
   def flush(self) -> None:
     """Writes metrics.jsonl and the event file, if anything is new."""
     if self._events is None or not self._dirty:
@@ -133,6 +146,18 @@ def _rows_upto(path: epath.Path, step: int) -> tuple[list[str], bool]:
     if row_step <= step:
       rows.append(line + "\n")
   return rows, len(rows) < len(lines)
+
+
+# PNG colour type -> channels: grey, RGB, palette (RGB), grey+alpha, RGBA.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def _png_shape(png: bytes) -> tuple[int, int, int]:
+  """(width, height, channels) from a PNG's IHDR chunk, which comes first."""
+  if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+    raise ValueError("not a PNG image")
+  width, height = struct.unpack(">II", png[16:24])
+  return width, height, _PNG_CHANNELS.get(png[25], 3)
 
 
 def _fmt(v: float) -> str:

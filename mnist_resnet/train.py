@@ -33,6 +33,7 @@ import optax
 
 from mnist_resnet import checkpoint as checkpoint_lib
 from mnist_resnet import data
+from mnist_resnet import evaluate as evaluate_lib
 from mnist_resnet import evaluator as evaluator_lib
 from mnist_resnet import mnist
 from mnist_resnet import models
@@ -46,6 +47,7 @@ from mnist_resnet import reporting
 from mnist_resnet import rundir
 from mnist_resnet import runlock
 from mnist_resnet import steps
+from mnist_resnet import trained
 from mnist_resnet import validation
 from mnist_resnet.errors import ConfigError, Diverged, Preempted, TrainingError
 
@@ -294,6 +296,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
                splits: Mapping[str, mnist.Split],
                evaluators: list[evaluator_lib.Evaluator],
                ckpt: checkpoint_lib.Checkpointer,
+               reporter: reporting.Reporter,
                signals: preemption.StopSignals,
                check_lock: Callable[[], None],
                on_step: StepObserver | None) -> LoopEnd:
@@ -307,8 +310,6 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
   total = program.total_steps
   period = eval_period(config, len(splits["train"].labels))
   inputs = train_inputs(config, program, splits["train"], start, total)
-  reporter = reporting.Reporter(workdir, writes=jax.process_index() == 0,
-                                total_steps=total, start_step=start)
   log = reporting.TrainLog(reporter, batch_size=config.batch_size,
                            log_every=config.log_every_steps,
                            total_steps=total, start_step=start)
@@ -370,7 +371,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
     raise set_aside_diverged(ckpt, e, workdir) from None
   finally:
     profile.close()
-    reporter.close()
+    reporter.flush()
   return LoopEnd(state=state, eval_results=eval_results, train_totals=totals,
                  final_train_loss=log.last_train_loss)
 
@@ -390,6 +391,22 @@ def best_results(ckpt: checkpoint_lib.Checkpointer, program: Program,
   return {"best_step": best,
           "best_validation_accuracy": found["validation_accuracy"],
           "best_test_accuracy": found["test_accuracy"]}
+
+
+def report_pictures(config: ml_collections.ConfigDict, workdir: str,
+                    program: Program, state: steps.TrainState,
+                    test: mnist.Split, reporter: reporting.Reporter) -> None:
+  """The final state's evaluation report in the workdir (eval.json,
+  confusion.png, errors.png, curves.png: see evaluate.py), and the
+  confusion matrix in TensorBoard."""
+  step = int(jax.device_get(state.step))
+  params, batch_stats = steps.eval_variables(state)
+  model = trained.TrainedModel(
+      workdir=workdir, step=step, config=config, model=program.model,
+      model_input=program.model_input, params=params,
+      batch_stats=batch_stats, mesh=program.mesh)
+  report = evaluate_lib.report(model, test, rundir.workdir_path(workdir))
+  reporter.image(step, evaluate_lib.CONFUSION_TAG, report.confusion_png)
 
 
 def final_results(config: ml_collections.ConfigDict, total_steps: int,
@@ -484,9 +501,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         order.steps_per_epoch(len(splits["train"].labels), config.batch_size),
         config.batch_size, jax.device_count(), jax.process_count(), start)
     evaluators = create_evaluators(config, program, splits)
+    reporter = stack.enter_context(contextlib.closing(reporting.Reporter(
+        workdir, writes=jax.process_index() == 0,
+        total_steps=program.total_steps, start_step=start)))
     end = train_loop(config, workdir, program, state, start, splits,
-                     evaluators, ckpt, signals, check_lock, on_step)
+                     evaluators, ckpt, reporter, signals, check_lock, on_step)
     best = best_results(ckpt, program, evaluators, end)
+    report_pictures(config, workdir, program, end.state, splits["test"],
+                    reporter)
   results = final_results(config, program.total_steps, end, start=start,
                           resumed_from=resumed_from, best=best)
   if jax.process_index() == 0:

@@ -57,6 +57,20 @@ def runs(mnist_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_device_pipeline_matches_tf_data_across_processes(runs, mnist_dir):
+  """Every process holds the dataset and the global batch is gathered
+  inside jit: the same run, bit for bit, as tf.data's per-process shards."""
+  proc = launch(runs / "two_device", f"--config.data_dir={mnist_dir}", *ARGS,
+                "--config.input_pipeline=device")
+  assert proc.returncode == 0, process_log(runs / "two_device", 0)[-3000:]
+  device, tfdata = results(runs / "two_device"), results(runs / "two")
+  assert (device["processes"], device["devices"]) == (2, 4)
+  for key in ("params_sha256", "test_accuracy", "test_loss",
+              "per_class_accuracy", "final_train_loss"):
+    assert device[key] == tfdata[key], key
+
+
+@pytest.mark.slow
 def test_two_processes_match_one(runs, mnist_dir):
   two, one = results(runs / "two"), results(runs / "one")
   assert (two["processes"], two["devices"]) == (2, 4)

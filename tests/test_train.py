@@ -161,7 +161,8 @@ def train_losses(workdir) -> list[float]:
 
 
 def assert_same_training(workdir_a, workdir_b, mnist_dir):
-  """Same per-step losses, test accuracy and parameter updates (to 1e-3)."""
+  """Same per-step losses, test accuracy (to rounding) and parameter
+  updates (to 1e-2; a wrong global batch changes them by O(1))."""
   from mnist_resnet import checkpoint as checkpoint_lib
   from mnist_resnet import train
   from configs import smoke
@@ -199,8 +200,11 @@ def assert_same_training(workdir_a, workdir_b, mnist_dir):
     deltas.append(np.concatenate([
         np.ravel(d) for path, d in leaves
         if not (jax.tree_util.keystr(path).endswith("_conv']['bias']"))]))
+  # Measured: 1.4e-3 between 2 processes x 2 devices (gloo) and 1 x 4, from
+  # the all-reduce's summation order, which Adam's normalised step carries
+  # into parameters whose gradients nearly cancel; O(1) for a wrong batch.
   np.testing.assert_array_less(
-      np.linalg.norm(deltas[1] - deltas[0]), 1e-3 * np.linalg.norm(deltas[0]))
+      np.linalg.norm(deltas[1] - deltas[0]), 1e-2 * np.linalg.norm(deltas[0]))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,345 @@
+"""Evaluates a trained model on the MNIST test set: numbers and pictures.
+
+    python -m mnist_resnet.evaluate --workdir=DIR [--step=latest|best|N] \\
+        [--data_dir=DIR] [--download] [--out=DIR]
+
+Restores one checkpoint of the run in DIR onto the devices present
+(`trained.load`), predicts every one of the 10,000 test digits once and
+writes into --out:
+
+    eval.json      step, accuracy, loss, per-class accuracy, confusion
+                   matrix, most frequent confusions, calibration
+    confusion.png  the confusion matrix: counts and row-normalised
+    errors.png     the misclassified digits, most confident mistakes first
+    curves.png     loss, accuracy and learning rate against step, from the
+                   run's metrics.jsonl (skipped, with a warning, without one)
+
+--out defaults to DIR/eval_<step>: each evaluated checkpoint keeps its own
+report (evaluating step 20 does not overwrite the best one's), and a second
+evaluation of the same checkpoint (--step=best and --step=latest may name
+the same one) rewrites the same files with the same content. The run's own
+files are left untouched, so a run may still be training in DIR.
+--data_dir defaults to the run's config.data_dir; nothing is downloaded
+unless --download is given.
+
+Numbers (`metrics_from_logits`): `loss` is the mean softmax cross-entropy
+of the logits (no label smoothing), `accuracy` counts the arg-max. The
+confusion matrix has the true class in rows and the predicted class in
+columns. `expected_calibration_error` is the standard ECE (Guo et al., 2017)
+over ECE_BINS = 15 equal-width bins of the confidence (the top softmax
+probability), bin m holding confidences in ((m-1)/15, m/15]: the sum over
+bins of (examples in bin / examples) * |accuracy in bin - mean confidence in
+bin|. `calibration_bins` lists those bins.
+
+A user error (missing workdir or data, no checkpoint, a bad --step) is one
+`error: ...` line on stderr and exit code 2. TensorFlow is never imported.
+
+A training run calls `report` at its end, with the model and split it
+already holds; `report` returns the record and confusion.png's bytes, for
+TensorBoard (`reporting.Reporter.image`, tag CONFUSION_TAG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+from absl import flags
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from mnist_resnet import cli
+from mnist_resnet import mnist
+from mnist_resnet import pictures
+from mnist_resnet import rundir
+from mnist_resnet import trained as trained_lib
+from mnist_resnet.errors import DataError
+
+ECE_BINS = 15
+TOP_CONFUSIONS = 10
+
+EVAL_JSON = "eval.json"
+CONFUSION_PNG = "confusion.png"
+ERRORS_PNG = "errors.png"
+CURVES_PNG = "curves.png"
+
+# The TensorBoard image tag a training run gives the confusion picture.
+CONFUSION_TAG = "test_confusion_matrix"
+
+
+# --- Numbers -------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Row-wise softmax in float64 (float32 logits lose nothing)."""
+  x = np.asarray(logits, np.float64)
+  x = np.exp(x - x.max(axis=1, keepdims=True))
+  return x / x.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Per-example softmax cross-entropy, in float64."""
+  x = np.asarray(logits, np.float64)
+  top = x.max(axis=1)
+  log_sum = np.log(np.exp(x - top[:, None]).sum(axis=1)) + top
+  return log_sum - x[np.arange(len(x)), labels]
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray,
+                bins: int = ECE_BINS) -> tuple[float, list[dict[str, Any]]]:
+  """Expected calibration error over `bins` equal-width bins of (0, 1]
+  (bin m: ((m-1)/bins, m/bins]), and each bin's count, accuracy and mean
+  confidence (null for an empty bin)."""
+  confidence = np.asarray(confidence, np.float64)
+  correct = np.asarray(correct, np.float64)
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  # right=True: a confidence on an edge belongs to the bin it closes.
+  index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0,
+                  bins - 1)
+  ece, table = 0.0, []
+  for m in range(bins):
+    inside = index == m
+    count = int(inside.sum())
+    accuracy = float(correct[inside].mean()) if count else None
+    mean_confidence = float(confidence[inside].mean()) if count else None
+    if count:
+      ece += count / len(confidence) * abs(accuracy - mean_confidence)
+    table.append({"lower": float(edges[m]), "upper": float(edges[m + 1]),
+                  "count": count, "accuracy": accuracy,
+                  "confidence": mean_confidence})
+  return float(ece), table
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray,
+                     classes: int = mnist.NUM_CLASSES) -> np.ndarray:
+  """[classes, classes] int64 counts: rows true, columns predicted."""
+  matrix = np.zeros((classes, classes), np.int64)
+  np.add.at(matrix, (labels, predicted), 1)
+  return matrix
+
+
+def top_confusions(matrix: np.ndarray, limit: int = TOP_CONFUSIONS
+                   ) -> list[dict[str, int]]:
+  """The off-diagonal cells with a count, most frequent first (ties: by
+  true class, then predicted class)."""
+  cells = [(-int(matrix[t, p]), t, p) for t, p in np.ndindex(matrix.shape)
+           if t != p and matrix[t, p] > 0]
+  return [{"true": t, "predicted": p, "count": -c}
+          for c, t, p in sorted(cells)[:limit]]
+
+
+def metrics_from_logits(logits: np.ndarray, labels: np.ndarray
+                        ) -> dict[str, Any]:
+  """Every number of eval.json from float [N, K] logits and int [N] labels."""
+  logits = np.asarray(logits)
+  labels = np.asarray(labels, np.int64)
+  if logits.ndim != 2 or len(logits) != len(labels):
+    raise ValueError(f"logits {logits.shape} do not match labels "
+                     f"{labels.shape}")
+  classes = logits.shape[1]
+  probabilities = softmax(logits)
+  predicted = probabilities.argmax(axis=1)
+  correct = predicted == labels
+  matrix = confusion_matrix(labels, predicted, classes)
+  class_counts = matrix.sum(axis=1)
+  ece, bins = calibration(probabilities.max(axis=1), correct)
+  n = len(labels)
+  return {
+      "accuracy": float(correct.mean()) if n else float("nan"),
+      "loss": float(cross_entropy(logits, labels).mean()) if n
+              else float("nan"),
+      "eval_examples": n,
+      "errors": int(n - correct.sum()),
+      "per_class_accuracy": [
+          float(matrix[k, k] / class_counts[k]) if class_counts[k]
+          else None for k in range(classes)],
+      "per_class_count": [int(c) for c in class_counts],
+      "confusion_matrix": matrix.tolist(),
+      "top_confusions": top_confusions(matrix),
+      "expected_calibration_error": ece,
+      "ece_bins": ECE_BINS,
+      "calibration_bins": bins,
+  }
+
+
+def worst_errors(probabilities: np.ndarray, labels: np.ndarray,
+                 limit: int = pictures.MAX_ERROR_DIGITS) -> np.ndarray:
+  """Indices of the misclassified examples, highest probability on the
+  wrong class first (ties: lowest index first), at most `limit`."""
+  predicted = probabilities.argmax(axis=1)
+  wrong = np.flatnonzero(predicted != labels)
+  confidence = probabilities[wrong, predicted[wrong]]
+  return wrong[np.argsort(-confidence, kind="stable")][:limit]
+
+
+# --- Files ---------------------------------------------------------------------
+
+
+def read_metrics(path: epath.Path) -> list[dict[str, Any]] | None:
+  """The rows of a metrics.jsonl; None if there is no such file. A line that
+  is not a JSON object with a step (cut off by a crash) is skipped."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return None
+  rows = []
+  for line in text.splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and "step" in row:
+      rows.append(row)
+    elif line.strip():
+      logging.warning("%s: skipped a line that is not a metrics row: %.80r",
+                      path, line)
+  return rows
+
+
+def default_out_dir(workdir: str | os.PathLike, step: int) -> epath.Path:
+  """WORKDIR/eval_<step>: one report per evaluated checkpoint."""
+  return rundir.workdir_path(workdir) / f"eval_{step}"
+
+
+class Report(NamedTuple):
+  """What `report` returns: eval.json's record, and confusion.png's bytes
+  (for TensorBoard: `Reporter.image(step, CONFUSION_TAG, confusion_png)`)."""
+  record: dict[str, Any]
+  confusion_png: bytes
+
+
+def report(trained: trained_lib.TrainedModel, split: mnist.Split,
+           out_dir: str | os.PathLike,
+           metrics_path: str | os.PathLike | None = None) -> Report:
+  """Evaluates `trained` on every example of `split` once and writes
+  eval.json, confusion.png, errors.png and curves.png into `out_dir`.
+
+  Every process of a multi-process run must call it (the prediction is one
+  SPMD computation, its logits replicated to every process); all compute
+  the same record, and only process 0 writes files. `metrics_path`: the
+  metrics.jsonl for curves.png (default: the workdir's); a missing file
+  skips that picture with a warning.
+  """
+  logits = trained.predict_logits(split.images)
+  labels = np.asarray(split.labels, np.int64)
+  record = {
+      "workdir": os.fspath(rundir.workdir_path(trained.workdir)),
+      "step": trained.step,
+      **metrics_from_logits(logits, labels),
+  }
+  confusion = pictures.confusion_png(
+      np.asarray(record["confusion_matrix"]),
+      title=f"step {trained.step}: accuracy {record['accuracy']:.2%} on "
+            f"{record['eval_examples']:,} digits")
+  if jax.process_index() != 0:
+    return Report(record, confusion)
+  out = rundir.workdir_path(out_dir)
+  rundir.write_atomic(out / EVAL_JSON, rundir.to_json(record))
+  rundir.write_atomic(out / CONFUSION_PNG, confusion)
+  rundir.write_atomic(out / ERRORS_PNG,
+                      _errors_picture(split, softmax(logits), labels, record))
+  if metrics_path is None:
+    metrics_path = rundir.workdir_path(trained.workdir) / "metrics.jsonl"
+  metrics_path = rundir.workdir_path(metrics_path)
+  rows = read_metrics(metrics_path)
+  if rows is None:
+    logging.warning("%s not found: no %s", metrics_path, CURVES_PNG)
+  else:
+    name = rundir.workdir_path(trained.workdir).name
+    last = max((r["step"] for r in rows), default=None)
+    rundir.write_atomic(out / CURVES_PNG, pictures.curves_png(
+        rows, title=f"{name}: training metrics up to step {last}"
+        if rows else f"{name}: metrics.jsonl holds no rows yet"))
+  return Report(record, confusion)
+
+
+def _errors_picture(split: mnist.Split, probabilities: np.ndarray,
+                    labels: np.ndarray, record: dict[str, Any]) -> bytes:
+  worst = worst_errors(probabilities, labels)
+  predicted = probabilities[worst].argmax(axis=1)
+  errors = record["errors"]
+  if errors == 0:
+    title = (f"step {record['step']}: no misclassified digits among "
+             f"{record['eval_examples']:,}")
+  else:
+    shown = (f"all {errors}" if len(worst) == errors
+             else f"{len(worst)} of {errors:,}")
+    title = (f"step {record['step']}: {shown} misclassified digits, most "
+             "confident first; true -> predicted (probability)")
+  return pictures.errors_png(
+      split.images[worst], labels[worst], predicted,
+      probabilities[worst, predicted], title=title)
+
+
+# --- Command line --------------------------------------------------------------
+
+
+def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
+             download: bool = False, out: str | None = None
+             ) -> tuple[Report, epath.Path]:
+  """What the command does, as a function: the report and where it went
+  (raises MnistResnetError)."""
+  # The config and the data files first: a missing one is reported before
+  # anything is restored or compiled.
+  config = trained_lib.read_config(workdir)
+  data_dir = data_dir or config.get("data_dir", "")
+  if not data_dir:
+    raise DataError(f"{rundir.config_path(workdir)} names no data_dir: pass "
+                    "--data_dir")
+  paths = mnist.locate_files(data_dir, download=download,
+                             download_hint="pass --data_dir or --download")
+  model = trained_lib.load(workdir, step)
+  test = mnist.load_mnist(data_dir, check_md5=False)["test"]
+  _warn_if_not_official({name: paths[name] for name in (
+      mnist.TEST_IMAGES, mnist.TEST_LABELS)})
+  out_dir = rundir.workdir_path(out) if out else default_out_dir(
+      workdir, model.step)
+  return report(model, test, out_dir), out_dir
+
+
+def _warn_if_not_official(paths: dict[str, Any]) -> None:
+  # Numbers on another test set compare with no one's; the training split
+  # (a rebuilt copy is legitimate there) plays no part here.
+  for name, (md5, official) in mnist.checksum_details(paths).items():
+    if official is False:
+      logging.warning("%s: md5 %s is not that of the official MNIST file: "
+                      "these numbers are not comparable with published ones",
+                      paths[name], md5)
+
+
+def _define_flags() -> None:
+  # Only when run as a program: train.py defines --workdir too, and may
+  # import this module for `report`.
+  flags.DEFINE_string("workdir", None, "The training run's directory (or "
+                      "gs://BUCKET/PATH).")
+  flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, "
+                      "best (by validation accuracy) or a step number.")
+  flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files "
+                      "(default: the run's config.data_dir).")
+  flags.DEFINE_bool("download", False, "Fetch missing MNIST files from the "
+                    "mirrors first.")
+  flags.DEFINE_string("out", None, "Where the report goes (default: "
+                      "WORKDIR/eval_<step>).")
+  flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  with cli.user_errors():
+    result, out_dir = evaluate(f.workdir, f.step, data_dir=f.data_dir,
+                               download=f.download, out=f.out)
+  r = result.record
+  print(f"step {r['step']}: accuracy {r['accuracy']:.4f} ({r['errors']} "
+        f"errors in {r['eval_examples']}), loss {r['loss']:.4f}, "
+        f"ECE {r['expected_calibration_error']:.4f}; wrote {out_dir}",
+        flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  cli.run(main)
