@@ -82,8 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.1
   # Linear warmup from 0 to the peak, then cosine decay to 0 at the end.
   c.warmup_steps = 100
-  # Decoupled weight decay on convolution and dense kernels only (BatchNorm
-  # parameters and biases are not decayed).
+  # Weight decay on convolution and dense kernels only (BatchNorm parameters
+  # and biases are not decayed). sgd: L2, weight_decay * w added to the
+  # gradient before momentum (as torch.optim.SGD does); adamw: decoupled,
+  # applied beside the Adam step and scaled by the learning rate.
   c.weight_decay = 5e-5
   # Label smoothing of the cross-entropy targets (0 disables).
   c.label_smoothing = 0.1

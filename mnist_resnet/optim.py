@@ -51,6 +51,8 @@ def create_optimizer(schedule: optax.Schedule, *, optimizer: str,
       return optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask)
     parts = []
     if weight_decay > 0:
+      # L2: added to the gradient, so it goes through momentum (as in
+      # torch.optim.SGD), not decoupled as in adamw.
       parts.append(optax.add_decayed_weights(weight_decay, decay_mask))
     parts.append(optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
     return optax.chain(*parts)
