@@ -179,17 +179,22 @@ def _one_error_line(stderr: str) -> str:
   return errors[0]
 
 
+def _convert(keras_file, out) -> subprocess.CompletedProcess:
+  """`python -m mnist_resnet.convert` of the tiny backbone into `out`."""
+  return subprocess.run(
+      [sys.executable, "-m", "mnist_resnet.convert",
+       f"--keras_weights={keras_file}", "--model=resnet_tiny",
+       f"--out={out}"], cwd=REPO_ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+      text=True, timeout=120)
+
+
 # The tiny backbone's checkpoint takes about 900 kB in 34 files.
 @pytest.mark.parametrize("options", ["size=64k", "nr_inodes=4"])
 def test_convert_on_a_full_disk_is_one_line_and_exits(tiny_keras_file,
                                                       tmp_path, options):
   with tmpfs(tmp_path / "disk", options) as disk:
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_resnet.convert",
-         f"--keras_weights={tiny_keras_file}", "--model=resnet_tiny",
-         f"--out={disk / 'out'}"], cwd=REPO_ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-        text=True, timeout=120)
+    result = _convert(tiny_keras_file, disk / "out")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("\n") == 1
     line = _one_error_line(result.stderr)
@@ -201,12 +206,7 @@ def test_convert_on_a_full_disk_is_one_line_and_exits(tiny_keras_file,
 def test_convert_under_a_file_is_refused_before_any_work(tiny_keras_file,
                                                          tmp_path):
   (tmp_path / "file").write_text("x")
-  result = subprocess.run(
-      [sys.executable, "-m", "mnist_resnet.convert",
-       f"--keras_weights={tiny_keras_file}", "--model=resnet_tiny",
-       f"--out={tmp_path / 'file' / 'out'}"], cwd=REPO_ROOT,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-      text=True, timeout=120)
+  result = _convert(tiny_keras_file, tmp_path / "file" / "out")
   assert result.returncode == 2
   assert result.stderr == (f"error: --out {tmp_path}/file/out: {tmp_path}/file "
                            "is a file, not a directory\n")
