@@ -92,10 +92,11 @@ def _first_line(e: BaseException) -> str:
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops the INFO chatter of orbax, TensorFlow and JAX; keeps warnings."""
+  """Drops the INFO chatter of orbax, TensorFlow, JAX and matplotlib;
+  keeps warnings."""
 
   _NOISY = tuple(os.sep + name + os.sep for name in (
-      "orbax", "tensorflow", "jax"))
+      "orbax", "tensorflow", "jax", "matplotlib"))
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if _read_only_note(record):

@@ -33,7 +33,6 @@ import optax
 
 from mnist_resnet import checkpoint as checkpoint_lib
 from mnist_resnet import data
-from mnist_resnet import evaluate as evaluate_lib
 from mnist_resnet import evaluator as evaluator_lib
 from mnist_resnet import mnist
 from mnist_resnet import models
@@ -399,6 +398,9 @@ def report_pictures(config: ml_collections.ConfigDict, workdir: str,
   """The final state's evaluation report in the workdir (eval.json,
   confusion.png, errors.png, curves.png: see evaluate.py), and the
   confusion matrix in TensorBoard."""
+  # Here, not at the top: matplotlib's import (and its font cache) is paid
+  # at the end of a run, never by one that stops early.
+  from mnist_resnet import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   step = int(jax.device_get(state.step))
   params, batch_stats = steps.eval_variables(state)
   model = trained.TrainedModel(

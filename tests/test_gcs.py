@@ -80,14 +80,16 @@ class Run:
     return subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
 
   def local_files(self) -> list[str]:
-    """What the runs wrote under cwd, HOME and TMPDIR, less Keras's settings
-    file: `import tensorflow` (for tf.data) imports Keras, which creates
-    ~/.keras/keras.json; not a run's output."""
+    """What the runs wrote under cwd, HOME and TMPDIR, less two libraries'
+    user settings and caches, which are not a run's output: Keras's
+    ~/.keras/keras.json (`import tensorflow`, for tf.data, imports Keras)
+    and matplotlib's font list, ~/.cache/matplotlib (the run's pictures)."""
     found = []
     for place in self.places.values():
       for p in place.rglob("*"):
-        relative = p.relative_to(place)
-        if p.is_file() and relative.parts[:1] != (".keras",):
+        relative = p.relative_to(place).parts
+        if p.is_file() and relative[:1] != (".keras",) and (
+            relative[:2] != (".cache", "matplotlib")):
           found.append(str(p))
     return found
 
