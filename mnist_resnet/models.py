@@ -21,9 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Keras's own initialisers for layers it creates with default arguments: the
-# head starts like a Keras Dense layer would.
+# Hidden head layers start like a Keras Dense layer would (Keras's default).
 _DENSE_INIT = nn.initializers.glorot_uniform()
+# The output layer starts at zero (as big_vision's heads do): every model,
+# random or pretrained backbone, starts at uniform predictions, a loss of
+# exactly ln 10. A Glorot layer on unnormalised pooled ReLU features starts
+# at confidently wrong logits instead (ResNet50 from scratch: loss 4.55).
+_LOGITS_INIT = nn.initializers.zeros
 # He initialisation (fan-out, as in torchvision): the usual choice for training
 # a ReLU ResNet from scratch; irrelevant when ImageNet weights are loaded.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -172,7 +176,7 @@ class _Head(nn.Module):
                    kernel_init=_DENSE_INIT, name=f"hidden_{i}")(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=_DENSE_INIT, name="logits")(x)
+                 kernel_init=_LOGITS_INIT, name="logits")(x)
     return x.astype(jnp.float32)
 
 
