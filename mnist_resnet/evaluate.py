@@ -213,9 +213,12 @@ class Report(NamedTuple):
 
 def report(trained: trained_lib.TrainedModel, split: mnist.Split,
            out_dir: str | os.PathLike,
-           metrics_path: str | os.PathLike | None = None) -> Report:
+           metrics_path: str | os.PathLike | None = None,
+           logits: np.ndarray | None = None) -> Report:
   """Evaluates `trained` on every example of `split` once and writes
   eval.json, confusion.png, errors.png and curves.png into `out_dir`.
+  `logits`: the model's logits of `split`, already computed (train.py has
+  them from its final evaluation); None computes them here.
 
   Every process of a multi-process run must call it (the prediction is one
   SPMD computation, its logits replicated to every process); all compute
@@ -223,7 +226,8 @@ def report(trained: trained_lib.TrainedModel, split: mnist.Split,
   metrics.jsonl for curves.png (default: the workdir's); a missing file
   skips that picture with a warning.
   """
-  logits = trained.predict_logits(split.images)
+  if logits is None:
+    logits = trained.predict_logits(split.images)
   labels = np.asarray(split.labels, np.int64)
   record = {
       "workdir": os.fspath(rundir.workdir_path(trained.workdir)),

@@ -222,6 +222,7 @@ class LoopEnd:
   eval_results: dict[str, Any]
   train_totals: dict[str, Any]
   final_train_loss: float
+  test_logits: np.ndarray  # The final evaluation's, for the report.
 
 
 def create_evaluators(config: ml_collections.ConfigDict, program: Program,
@@ -365,6 +366,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
     totals = log.totals()
     if eval_results is None:  # Nothing left to train: resumed at the end.
       eval_results = evaluate(evaluators, state, total)
+    test_logits = evaluators[0].logits_of_last_call()
     ckpt.wait_until_finished()
   except Diverged as e:
     raise set_aside_diverged(ckpt, e, workdir) from None
@@ -372,7 +374,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
     profile.close()
     reporter.flush()
   return LoopEnd(state=state, eval_results=eval_results, train_totals=totals,
-                 final_train_loss=log.last_train_loss)
+                 final_train_loss=log.last_train_loss,
+                 test_logits=test_logits)
 
 
 def best_results(ckpt: checkpoint_lib.Checkpointer, program: Program,
@@ -393,21 +396,23 @@ def best_results(ckpt: checkpoint_lib.Checkpointer, program: Program,
 
 
 def report_pictures(config: ml_collections.ConfigDict, workdir: str,
-                    program: Program, state: steps.TrainState,
-                    test: mnist.Split, reporter: reporting.Reporter) -> None:
+                    program: Program, end: LoopEnd, test: mnist.Split,
+                    reporter: reporting.Reporter) -> None:
   """The final state's evaluation report in the workdir (eval.json,
   confusion.png, errors.png, curves.png: see evaluate.py), and the
-  confusion matrix in TensorBoard."""
+  confusion matrix in TensorBoard. Drawn from the final evaluation's
+  logits: no second pass over the test set."""
   # Here, not at the top: matplotlib's import (and its font cache) is paid
   # at the end of a run, never by one that stops early.
   from mnist_resnet import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  step = int(jax.device_get(state.step))
-  params, batch_stats = steps.eval_variables(state)
+  step = int(jax.device_get(end.state.step))
+  params, batch_stats = steps.eval_variables(end.state)
   model = trained.TrainedModel(
       workdir=workdir, step=step, config=config, model=program.model,
       model_input=program.model_input, params=params,
       batch_stats=batch_stats, mesh=program.mesh)
-  report = evaluate_lib.report(model, test, rundir.workdir_path(workdir))
+  report = evaluate_lib.report(model, test, rundir.workdir_path(workdir),
+                               logits=end.test_logits)
   reporter.image(step, evaluate_lib.CONFUSION_TAG, report.confusion_png)
 
 
@@ -509,8 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     end = train_loop(config, workdir, program, state, start, splits,
                      evaluators, ckpt, reporter, signals, check_lock, on_step)
     best = best_results(ckpt, program, evaluators, end)
-    report_pictures(config, workdir, program, end.state, splits["test"],
-                    reporter)
+    report_pictures(config, workdir, program, end, splits["test"], reporter)
   results = final_results(config, program.total_steps, end, start=start,
                           resumed_from=resumed_from, best=best)
   if jax.process_index() == 0:

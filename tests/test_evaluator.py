@@ -18,14 +18,48 @@ from mnist_resnet import parallel
 from mnist_resnet import train
 
 
-def _evaluate(config, state, labels):
+def _evaluate(config, state, labels, images=None, pipeline="tfdata"):
   program = train.build_program(config, 1000)
-  split = mnist.Split(np.zeros((len(labels), 28, 28), np.uint8),
-                      np.asarray(labels, np.int32))
+  if images is None:
+    images = np.zeros((len(labels), 28, 28), np.uint8)
+  split = mnist.Split(images, np.asarray(labels, np.int32))
   evaluate = evaluator.Evaluator(program.model, program.model_input, split,
                                  batch_size=config.eval_batch_size,
-                                 mesh=program.mesh)
+                                 mesh=program.mesh, pipeline=pipeline)
   return evaluate(parallel.replicate(state, program.mesh)), evaluate
+
+
+def _random_head(state):
+  """`state` with a random output layer (at init it is zero: every logit
+  would be 0 and any row order would pass)."""
+  params = jax.tree.map(np.array, state.params)
+  kernel = params["head"]["logits"]["kernel"]
+  kernel[:] = np.random.default_rng(0).normal(size=kernel.shape)
+  return state.replace(params=params)
+
+
+def _reference_logits(config, state, images):
+  """The model applied to all images at once, outside the evaluator."""
+  program = train.build_program(config, 1000)
+  x = program.model_input.for_eval(images)
+  return np.asarray(jax.jit(lambda v, x: program.model.apply(
+      v, x, train=False))({"params": state.params,
+                           "batch_stats": state.batch_stats}, x))
+
+
+def check_logits_of_last_call(config, pipeline):
+  """The evaluation's own logits are the model's, row for row, in split
+  order, padding cut off (11 examples, batches that do not divide them)."""
+  images = np.random.default_rng(1).integers(0, 256, (11, 28, 28), np.uint8)
+  state = _random_head(jax.device_get(
+      train.build_program(config, 1000).initial_state()))
+  got, evaluate = _evaluate(config, state, LABELS, images, pipeline)
+  logits = evaluate.logits_of_last_call()
+  assert logits.shape == (11, 10) and logits.dtype == np.float32
+  ref = _reference_logits(config, state, images)
+  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+  accuracy = np.mean(np.argmax(logits, -1) == np.asarray(LABELS))
+  assert got["test_accuracy"] == pytest.approx(accuracy)
 
 
 def _always_three(state, column):
@@ -54,6 +88,13 @@ def test_evaluation_uses_the_ema_when_kept():
   assert got["per_class_accuracy"][1] == 0.0
 
 
+@pytest.mark.parametrize("pipeline", ["tfdata", "device"])
+def test_logits_of_last_call_are_the_models(pipeline):
+  config = smoke.get_config()
+  config.eval_batch_size = 4
+  check_logits_of_last_call(config, pipeline)
+
+
 def test_batch_size_need_not_divide_by_the_devices():
   """On 8 devices an eval batch of 5 is padded to 8 and still counts each
   of the 11 examples once."""
@@ -73,6 +114,8 @@ got, evaluate = t._evaluate(config, state.replace(params=params), t.LABELS)
 assert evaluate.batch_size == 8, evaluate.batch_size
 assert got["eval_examples"] == 11, got
 assert abs(got["test_accuracy"] - 6 / 11) < 1e-6, got
+for pipeline in ("tfdata", "device"):
+  t.check_logits_of_last_call(config, pipeline)
 print("ok")
 """
   env = dict(os.environ, JAX_PLATFORMS="cpu",
