@@ -1,9 +1,9 @@
-"""ResNet50 from random initialisation (no pretrained weights), 3 epochs.
+"""ResNet50 from random initialisation (no pretrained weights), 5 epochs.
 
     python train.py --config=configs/scratch.py --workdir=runs/scratch
 
-Why each value: the network underfits at this length, so whatever speeds up
-fitting helps and regularisers do not; docs/results.md has the ablations.
+99.51% on seed 0 in 57 minutes of training on a shared 2-core CPU
+(docs/results.md, which has the ablations behind each value).
 """
 
 from configs import default
@@ -15,22 +15,27 @@ def get_config():
   # Adam's per-parameter step sizes: from scratch this network is unstable
   # under SGD at useful learning rates (loss rises around the peak).
   c.optimizer = "adamw"
-  # Smaller batches: twice the updates for the same images.
-  c.batch_size = 128
-  # Per 256 examples, scaled linearly: the peak is 4e-3 at batch 128. Twice
-  # that is seed-dependent, 4x diverges.
-  c.learning_rate = 8e-3
-  c.warmup_steps = 100
+  # Batch 64 runs as many images/s as 128 on a CPU and makes twice the
+  # updates (at 3 epochs, 128 beat 256 by 0.9 points).
+  c.batch_size = 64
+  # Per 256 examples, scaled linearly: the peak is 3e-3 at batch 64, the
+  # square-root scaling of the 4e-3 that was stable at batch 128.
+  c.learning_rate = 12e-3
+  c.warmup_steps = 300
+  c.num_epochs = 5.0
+  # Takes the edge off a rare large gradient; Adam's normalised step is
+  # otherwise unchanged by the scale.
+  c.grad_clip_norm = 1.0
   # Decoupled, on kernels only (never BatchNorm parameters or biases).
   c.weight_decay = 0.05
   # Every parameter is new, so the backbone gets the full learning rate.
   c.backbone_lr_multiplier = 1.0
-  # The model underfits in 3 epochs: no dropout in the head (the layer stays,
-  # configs/default.py keeps the notebook's 0.5), no label smoothing.
+  # No dropout in the head (the layer stays, configs/default.py keeps the
+  # notebook's 0.5), no label smoothing: at 3 epochs each cost accuracy.
   c.dropout_rate = 0.0
   c.label_smoothing = 0.0
-  # Short runs: BatchNorm statistics must follow the weights closely (0.99
-  # averages over ~100 steps, a seventh of an epoch here).
+  # BatchNorm statistics must follow the weights closely (0.99 averages over
+  # ~100 steps, 0.9 over ~10).
   c.bn_momentum = 0.9
   # Zero-initialised branches leave Keras's v1 shortcuts (stride on a 1x1
   # conv) carrying only MNIST's black corner at 32x32: a loss stuck at ln 10.
