@@ -219,17 +219,28 @@ def _diverge(workdir, mnist_dir, *args):
 
 def test_diverged_state_is_never_kept(mnist_dir, tmp_path):
   """A learning rate that really diverges, a checkpoint every step: the
-  loss of step 3 is the first NaN, so the state of step 2 (saved) is bad and
-  set aside; checkpoint 1 stays, and it is good: it evaluates to a finite
-  loss."""
+  loss of step 4 is the first NaN, so the state of step 3 (saved) is bad and
+  set aside; checkpoints 1 and 2 stay. Checkpoint 2 then fails its
+  evaluation and is set aside in turn; checkpoint 1 is good."""
   error = _diverge(tmp_path, mnist_dir, "--config.warmup_steps=20",
                    "--config.learning_rate=1e30")
-  # Measured: step 1 runs at learning rate 0 and step 2 at 5e28 (warmup).
-  assert re.search(r"non-finite train loss or gradient at step 3\b", error)
+  # Measured: step 1 runs at learning rate 0 and step 2 at 5e28 (warmup),
+  # but step 2 moves only the output layer (it starts at zero, so no
+  # gradient reaches the backbone); step 3 moves the backbone, and the loss
+  # of step 4 is NaN.
+  assert re.search(r"non-finite train loss or gradient at step 4\b", error)
+  assert "the latest checkpoint, step 2, is good" in error, error
+  assert checkpoint_steps(tmp_path) == [1, 2]
+  assert (tmp_path / "set_aside" / "3.diverged" / "state").is_dir()
+  assert not (tmp_path / "results.json").exists()
+  # Checkpoint 2 trained to a finite loss (batch statistics) but evaluates
+  # to NaN (running statistics): the final evaluation sets it aside too.
+  error = _diverge(tmp_path, mnist_dir, "--config.num_train_steps=2",
+                   "--config.warmup_steps=20", "--config.learning_rate=1e30")
+  assert error.startswith("error: non-finite evaluation loss at step 2 ")
   assert "the latest checkpoint, step 1, is good" in error, error
   assert checkpoint_steps(tmp_path) == [1]
   assert (tmp_path / "set_aside" / "2.diverged" / "state").is_dir()
-  assert not (tmp_path / "results.json").exists()
   # Checkpoint 1 as the final state of a 1-step run: evaluated, finite.
   run_train(tmp_path, f"--config.data_dir={mnist_dir}",
             "--config.num_train_steps=1", "--config.warmup_steps=20",

@@ -11,7 +11,8 @@ import pytest
 from mnist_resnet import validation
 from mnist_resnet.errors import ConfigError
 
-SHIPPED = ("default", "scratch", "smoke", "frozen_backbone", "gpu", "tpu")
+SHIPPED = ("default", "scratch", "smoke", "guard", "frozen_backbone", "gpu",
+           "tpu")
 
 
 @pytest.mark.parametrize("name", SHIPPED)
