@@ -19,7 +19,7 @@
 # prints {"check": ..., "failed": exit code} and the next one runs. Logs
 # go to OUT_DIR/<check>.log. On a short-lived machine, run it once with
 # ACCELERATOR_CHECKS_QUICK=1 on a CPU first: every check then runs a few
-# steps of the tiny model, which tries the whole script in about 3 minutes.
+# steps of the tiny model, which tries the whole script in about 5 minutes.
 set -u
 
 if [[ $# -lt 2 ]]; then
@@ -53,7 +53,7 @@ check() {
   timeout --signal=TERM --kill-after=20 "$LIMIT" "$@" 2>"$OUT_DIR/$name.log"
   local rc=$?
   if [[ $rc -ne 0 ]]; then
-    echo "{\"check\": \"$name\", \"failed\": $rc, \"seconds\": $((SECONDS - start))}"
+    echo "{\"check\": \"$name\", \"failed\": $rc, \"seconds\": $((SECONDS - start)), \"log\": \"$OUT_DIR/$name.log\"}"
   fi
 }
 
@@ -65,12 +65,14 @@ r.pop("config", None)
 print(json.dumps({"check": sys.argv[1], **r}))' "$1" "$2"
 }
 
+# train_check NAME CONFIG_FILE [OVERRIDES...]: a fresh run of train.py.
 train_check() {
-  local name=$1
-  shift
+  local name=$1 config=$2
+  shift 2
   local workdir=$OUT_DIR/$name
   rm -rf "$workdir"
-  check "$name" "$PYTHON" train.py --workdir="$workdir" \
+  # --config must come before its overrides.
+  check "$name" "$PYTHON" train.py --config="$config" --workdir="$workdir" \
     --config.data_dir="$DATA_DIR" --config.input_pipeline=device \
     --config.download=false "$@" && results_line "$name" "$workdir"
 }
@@ -90,9 +92,8 @@ print(json.dumps({"check": "devices", "jax": jax.__version__,
                   "backend": jax.default_backend(),
                   "devices": [d.device_kind for d in jax.devices()]}))'
 
-train_check smoke --config=configs/smoke.py "${QUICK[@]}"
-train_check scratch_3_epochs --config=configs/scratch.py \
-  --config.num_epochs=3 "${QUICK[@]}"
+train_check smoke configs/smoke.py "${QUICK[@]}"
+train_check scratch_3_epochs configs/scratch.py --config.num_epochs=3 "${QUICK[@]}"
 
 for sb in "${SIZES[@]}"; do
   read -r size batch <<<"$sb"
