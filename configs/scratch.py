@@ -2,7 +2,7 @@
 
     python train.py --config=configs/scratch.py --workdir=runs/scratch
 
-99.51% on seed 0 in 57 minutes of training on a shared 2-core CPU
+99.55% on seed 0 in 57 minutes of training on a shared 2-core CPU
 (docs/results.md, which has the ablations behind each value).
 """
 
@@ -31,9 +31,14 @@ def get_config():
   # Every parameter is new, so the backbone gets the full learning rate.
   c.backbone_lr_multiplier = 1.0
   # No dropout in the head (the layer stays, configs/default.py keeps the
-  # notebook's 0.5), no label smoothing: at 3 epochs each cost accuracy.
+  # notebook's 0.5): at 3 epochs it cost accuracy.
   c.dropout_rate = 0.0
-  c.label_smoothing = 0.0
+  # Label smoothing and an EMA of the weights (evaluated instead of them):
+  # together ahead after every epoch (after epoch 2, 99.36% against 98.68%)
+  # and at the end (99.55% against 99.51%, one seed each); at the end the
+  # EMA is 0.02 points of it, the cosine schedule having settled the weights.
+  c.label_smoothing = 0.1
+  c.ema_decay = 0.999
   # BatchNorm statistics must follow the weights closely (0.99 averages over
   # ~100 steps, 0.9 over ~10).
   c.bn_momentum = 0.9
