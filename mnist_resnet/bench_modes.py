@@ -338,8 +338,9 @@ def benchmark_step(config: ml_collections.ConfigDict,
       clock(step, metrics)
       # The training loop waits for step s - 1 after dispatching step s
       # once every log_every_steps (its metric fetch); so does this one.
-      # Unbounded dispatch-ahead ran 4-9% slower on the CPU (every queued
-      # step holds fresh output buffers), a handicap the loop never has.
+      # Unbounded dispatch-ahead ran 4-9% slower on the CPU (most likely
+      # as every queued step holds fresh output buffers), a handicap the
+      # loop never has.
       if (step - 1) % log_every == 0 and previous is not None:
         previous.block_until_ready()
       previous = metrics["train_loss"]

@@ -184,9 +184,9 @@ def build_program(config: ml_collections.ConfigDict,
                       train=False)
 
   return Program(mesh=mesh, model_name=config.model, model=model,
-                 model_input=inputs, tx=tx,
-                 groups=groups, keep_ema=config.ema_decay > 0,
-                 total_steps=total, train_step=train_step,
+                 model_input=inputs, tx=tx, groups=groups,
+                 keep_ema=config.ema_decay > 0, total_steps=total,
+                 train_step=train_step,
                  init_variables=jax.jit(init_variables, out_shardings=rep))
 
 
