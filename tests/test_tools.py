@@ -51,4 +51,3 @@ def test_accelerator_checks_quick_mode_runs_every_check(mnist_dir, tmp_path):
   checks = {l.get("check") for l in lines}
   assert {"devices", "smoke", "scratch_3_epochs"} <= checks, checks
   assert sum(l.get("mode") == "all" for l in lines) == 3, proc.stdout
-

@@ -37,11 +37,13 @@ cd "$(dirname "$0")/.." || exit 2
 QUICK=()
 BENCH_QUICK=()
 SIZES=("32 1024" "224 256")
+PEER_STEPS=20
 if [[ ${ACCELERATOR_CHECKS_QUICK:-0} == 1 ]]; then
   QUICK=(--config.num_train_steps=12 --config.model=resnet_tiny)
   BENCH_QUICK=(--config.model=resnet_tiny --config.bench_steps=2
                --config.bench_warmup_steps=1)
   SIZES=("32 64" "64 32")
+  PEER_STEPS=2
 fi
 
 # check NAME COMMAND...: runs COMMAND under the time limit; its stdout (JSON
@@ -103,10 +105,8 @@ done
 if [[ -n $PEER ]] && "$PYTHON" -c 'import torch' 2>/dev/null; then
   for sb in "${SIZES[@]}"; do
     read -r size batch <<<"$sb"
-    steps=20
-    [[ ${ACCELERATOR_CHECKS_QUICK:-0} == 1 ]] && steps=2
     check "peer_torch_${size}px_b${batch}" "$PYTHON" "$PEER" --bf16 \
-      --channels_last --batch "$batch" --image_size "$size" --steps "$steps"
+      --channels_last --batch "$batch" --image_size "$size" --steps "$PEER_STEPS"
   done
 elif [[ -n $PEER ]]; then
   echo '{"check": "peer_torch", "skipped": "torch does not import here"}'
