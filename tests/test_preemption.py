@@ -141,6 +141,39 @@ def test_signal_during_start_up_exits_at_once(mnist_dir, tmp_path, signum,
             "--config.num_train_steps=2", "--config.eval_every_steps=0")
 
 
+def test_signal_during_a_long_native_call_exits_at_once(tmp_path):
+  """Python runs a handler only between bytecodes, so before the loop one
+  would wait out an XLA compile (tens of seconds). The watcher thread does
+  not: here the main thread is inside a native call that releases the GIL
+  and never checks for signals, as XLA's compiler is."""
+  released = tmp_path / "released"
+  code = textwrap.dedent(f"""
+      import hashlib, pathlib
+      from mnist_resnet import preemption
+      signals = preemption.StopSignals()
+      signals.on_early_exit(pathlib.Path({str(released)!r}).touch)
+      print("compiling", flush=True)
+      hashlib.pbkdf2_hmac("sha256", b"key", b"salt", 2_000_000_000)  # Minutes.
+      print("returned", flush=True)
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    assert proc.stdout.readline() == "compiling\n"
+    time.sleep(0.5)  # Inside the native call.
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+  finally:
+    proc.kill()
+  assert time.time() - sent < 5
+  assert proc.returncode == PREEMPTED, stderr
+  assert stdout == ""
+  assert stderr.startswith("stopped: SIGTERM before the first step"), stderr
+  assert released.exists()
+
+
 def test_second_ctrl_c_exits_at_once():
   """In the loop the first Ctrl-C only asks for a save at the next step; a
   second one ends the process now with 130 (committed checkpoints are atomic,
