@@ -202,7 +202,8 @@ def test_second_ctrl_c_exits_at_once():
 @pytest.mark.slow
 def test_sigkill_during_async_save_resumes_from_previous(
     mnist_dir, tmp_path, uninterrupted):
-  """A save killed half-way is ignored; the run resumes from the one before."""
+  """A save killed half-way is ignored; the run resumes from the one before
+  and ends where an uninterrupted run ends."""
   for attempt in range(5):
     workdir = tmp_path / f"run{attempt}"
     proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
@@ -229,6 +230,7 @@ def test_sigkill_during_async_save_resumes_from_previous(
   else:
     pytest.fail("could not catch a save in flight in 5 attempts")
 
+  assert not (workdir / "results.json").exists()
   before = max(complete)
   run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
   resumed = results(workdir)

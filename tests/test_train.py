@@ -7,10 +7,8 @@ import math
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -299,48 +297,6 @@ def test_tf_data_pipeline_without_tensorflow_is_one_line_exit_2(mnist_dir,
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: config.input_pipeline='tfdata' needs TensorFlow"), proc.stderr
   assert "Traceback" not in proc.stderr
-
-
-def _wait_for_checkpoint(proc, directory: pathlib.Path, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if directory.exists() and any(p.name.isdigit()
-                                  for p in directory.iterdir()):
-      return
-    if proc.poll() is not None:
-      raise AssertionError("run ended before its first checkpoint:\n"
-                           + proc.stderr.read()[-3000:])
-    time.sleep(0.05)
-  raise AssertionError("no checkpoint appeared")
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(mnist_dir, tmp_path):
-  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=300",
-          "--config.checkpoint_every_steps=40", "--config.eval_every_steps=0",
-          "--config.log_every_steps=20")
-  run_train(tmp_path / "straight", *args)
-  expected = results(tmp_path / "straight")
-
-  workdir = tmp_path / "killed"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(
-      [sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
-       f"--workdir={workdir}", *args], cwd=REPO_ROOT, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    _wait_for_checkpoint(proc, workdir / "checkpoints")
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
-  assert not (workdir / "results.json").exists()
-
-  run_train(workdir, *args)
-  resumed = results(workdir)
-  assert resumed["resumed_from"] is not None and resumed["resumed_from"] > 0
-  assert resumed["params_sha256"] == expected["params_sha256"]
-  assert resumed["test_accuracy"] == expected["test_accuracy"]
 
 
 def test_rerun_of_finished_run_changes_nothing(mnist_dir, tmp_path):
