@@ -117,8 +117,8 @@ class StopSignals:
       os._exit(exit_code(signum))  # pylint: disable=protected-access
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
-    # Before the loop the watcher has most likely exited already; this is
-    # the path when it could not run.
+    # Before the loop the watcher has most likely ended the process already;
+    # this is the path for when it could not run.
     self._exit_if_before_loop(signum)
     if signum == signal.SIGHUP:
       signum = signal.SIGTERM
