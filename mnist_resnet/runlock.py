@@ -39,8 +39,12 @@ from typing import Any
 import uuid
 
 from absl import logging
-from google.api_core import exceptions as google_errors
-from google.auth import exceptions as auth_errors
+
+try:
+  from google.api_core import exceptions as google_errors
+  from google.auth import exceptions as auth_errors
+except ImportError:  # Only gs:// workdirs need them; _Lease.acquire says so.
+  google_errors = auth_errors = None
 
 from mnist_resnet import rundir
 from mnist_resnet.rundir import RunDirError
@@ -60,6 +64,9 @@ def acquire(workdir: str | os.PathLike, *,
   if not rundir.is_remote(text):
     return _FileLock.acquire(os.fspath(rundir.workdir_path(text)))
   if text.startswith("gs://"):
+    if google_errors is None:
+      raise RunDirError(f"{text}: a gs:// workdir needs google-cloud-storage "
+                        "(pip install -r requirements.txt)")
     lease = lease_seconds if lease_seconds is not None else lease_from_env()
     return _Lease.acquire(text.rstrip("/"), _checked_lease(lease))
   logging.warning("no run lock for %s (only local and gs:// workdirs have "

@@ -44,7 +44,7 @@ def _run(*args: str, devices: int = 1,
   env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   python = [sys.executable] + (
-      [str(REPO_ROOT / "tests" / "no_tensorflow.py")]
+      [str(REPO_ROOT / "tests" / "accelerator_image.py")]
       if without_tensorflow else [])
   return subprocess.run(
       [*python, "-m", "mnist_resnet.benchmark",

@@ -26,14 +26,13 @@ from mnist_resnet import pictures
 from mnist_resnet.errors import DataError
 from mnist_resnet.rundir import RunDirError
 
-# Runs the command as a user would, with TensorFlow impossible to import.
+# Runs the command as a user would on an accelerator image: TensorFlow (and
+# Keras, Google Cloud's libraries) impossible to import.
 NO_TENSORFLOW = textwrap.dedent("""
     import runpy, sys
-    class Block:
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "tensorflow":
-          raise ImportError("blocked: " + name)
-    sys.meta_path.insert(0, Block())
+    sys.path.insert(0, "tests")
+    from accelerator_image import AcceleratorImage
+    sys.meta_path.insert(0, AcceleratorImage())
     try:
       import tensorflow
       sys.exit("the blocker let tensorflow in")

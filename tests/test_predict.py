@@ -22,14 +22,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Runs the tool where `import tensorflow` fails: predicting must not need it
 # (accelerator images have none).
-NO_TENSORFLOW = str(REPO_ROOT / "tests" / "no_tensorflow.py")
+ACCELERATOR_IMAGE = str(REPO_ROOT / "tests" / "accelerator_image.py")
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   return subprocess.run(
-      [sys.executable, NO_TENSORFLOW, "-m", "mnist_resnet.predict", *args],
+      [sys.executable, ACCELERATOR_IMAGE, "-m", "mnist_resnet.predict", *args],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

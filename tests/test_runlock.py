@@ -143,6 +143,15 @@ def test_local_unusable_workdir_is_one_line(tmp_path):
 # --- Cloud Storage ----------------------------------------------------------
 
 
+def test_gcs_workdir_without_the_client_libraries_is_one_line(monkeypatch):
+  """Local runs need no Google Cloud libraries (accelerator images often
+  lack them); a gs:// workdir says which package it needs."""
+  monkeypatch.setattr(runlock, "google_errors", None)
+  with pytest.raises(RunDirError, match=r"^gs://bucket/run: a gs:// workdir "
+                     r"needs google-cloud-storage"):
+    runlock.acquire("gs://bucket/run")
+
+
 def lock_object(gcs_server, workdir: str) -> dict | None:
   """lock.json of a gs:// workdir as the server has it, None if absent."""
   bucket, _, prefix = workdir[len("gs://"):].partition("/")

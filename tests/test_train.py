@@ -19,17 +19,19 @@ from conftest import REPO_ROOT
 SMOKE = str(REPO_ROOT / "configs" / "smoke.py")
 
 
-NO_TENSORFLOW = str(REPO_ROOT / "tests" / "no_tensorflow.py")
+ACCELERATOR_IMAGE = str(REPO_ROOT / "tests" / "accelerator_image.py")
 
 
 def run_train(workdir, *overrides, config=SMOKE, devices=1, check=True,
               timeout=600, without_tensorflow=False):
-  """Runs train.py in a subprocess with `devices` CPU devices (and where
-  `import tensorflow` fails, if `without_tensorflow`)."""
+  """Runs train.py in a subprocess with `devices` CPU devices (and as on an
+  accelerator image without TensorFlow, Keras or Google Cloud's client
+  libraries, if `without_tensorflow`; see accelerator_image.py)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  python = [sys.executable] + ([NO_TENSORFLOW] if without_tensorflow else [])
+  python = [sys.executable] + ([ACCELERATOR_IMAGE] if without_tensorflow
+                               else [])
   cmd = [*python, str(REPO_ROOT / "train.py"), f"--config={config}",
          f"--workdir={workdir}", *overrides]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
