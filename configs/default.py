@@ -147,6 +147,11 @@ def get_config() -> ml_collections.ConfigDict:
   # its resume repeat bit for bit (CPU and TPU always do; README,
   # Determinism). Costs step time and compile time.
   c.deterministic = False
+  # Run 1x1 convolutions, and those whose kernel is larger than the map, as
+  # matrix products (models.conv_as_dot): auto (on the backends where that
+  # was measured faster, docs/benchmarking.md) | always | never. Same
+  # parameters and sums, so a resume may change it.
+  c.conv_as_dot = "auto"
 
   # --- Many hosts ----------------------------------------------------------
   # Join a multi-process run with jax.distributed.initialize (always done on

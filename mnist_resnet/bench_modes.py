@@ -36,6 +36,7 @@ import numpy as np
 from mnist_resnet import data
 from mnist_resnet import flops
 from mnist_resnet import mnist
+from mnist_resnet import models
 from mnist_resnet import parallel
 from mnist_resnet import reporting
 from mnist_resnet import train
@@ -241,6 +242,9 @@ def _result(mode: str, config: ml_collections.ConfigDict,
       "process_count": jax.process_count(),
       "device_kind": kind,
       "platform": jax.default_backend(),
+      "conv_as_dot": models.conv_as_dot_on(config.conv_as_dot,
+                                           jax.default_backend()),
+      "deterministic": bool(config.deterministic),
       "compile_seconds": compile_info.get("compile_seconds"),
       "step_ms_median": round(float(np.median(ms)), 3),
       "step_ms_p10": round(float(np.percentile(ms, 10)), 3),

@@ -101,12 +101,13 @@ class _Backbone(nn.Module):
   bn_epsilon: float
   zero_init_residual: bool
   dtype: Any
+  use_conv_as_dot: bool
 
   def _conv(self, x: jax.Array, features: int, kernel: int, stride: int,
             padding: Any, name: str) -> jax.Array:
     # 1x1 kernels, and kernels larger than the map, as matrix products (see
     # conv_as_dot); XLA's own convolutions are faster for the others.
-    as_dot = kernel == 1 or min(x.shape[1:3]) < kernel
+    as_dot = self.use_conv_as_dot and (kernel == 1 or min(x.shape[1:3]) < kernel)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=padding, use_bias=True, dtype=self.dtype,
                    param_dtype=jnp.float32, kernel_init=_CONV_INIT,
@@ -203,13 +204,16 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1.001e-5
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  # Some convolutions as matrix products (see _Backbone._conv): same
+  # parameters, same sums in another order; a speed choice per backend.
+  use_conv_as_dot: bool = True
 
   def setup(self) -> None:
     self.backbone = _Backbone(
         stage_sizes=tuple(self.stage_sizes), widths=tuple(self.widths),
         stem_width=self.stem_width, bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon, zero_init_residual=self.zero_init_residual,
-        dtype=self.dtype)
+        dtype=self.dtype, use_conv_as_dot=self.use_conv_as_dot)
     self.head = _Head(num_classes=self.num_classes,
                       hidden_units=tuple(self.hidden_units),
                       dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -241,12 +245,28 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def create_model(name: str, *, num_classes: int = 10, dtype: str = "float32",
                  hidden_units: Sequence[int] = (), dropout_rate: float = 0.5,
                  bn_momentum: float = 0.99,
-                 zero_init_residual: bool = False) -> ResNet:
+                 zero_init_residual: bool = False,
+                 use_conv_as_dot: bool = True) -> ResNet:
   """The ResNet `name` (a key of MODELS) computing in `dtype` (of DTYPES)."""
   return ResNet(stage_sizes=MODELS[name], num_classes=num_classes,
                 hidden_units=tuple(hidden_units), dropout_rate=dropout_rate,
                 bn_momentum=bn_momentum, zero_init_residual=zero_init_residual,
-                dtype=DTYPES[dtype], **_NARROW.get(name, {}))
+                dtype=DTYPES[dtype], use_conv_as_dot=use_conv_as_dot,
+                **_NARROW.get(name, {}))
+
+
+# conv_as_dot settings (config.conv_as_dot); "auto" uses it on the backends
+# where it was measured faster (docs/benchmarking.md).
+CONV_AS_DOT_SETTINGS = ("auto", "always", "never")
+CONV_AS_DOT_BACKENDS = ("cpu", "gpu", "tpu")
+
+
+def conv_as_dot_on(setting: str, backend: str) -> bool:
+  """Whether `setting` (of CONV_AS_DOT_SETTINGS) applies conv_as_dot on
+  `backend` (jax.default_backend())."""
+  if setting == "auto":
+    return backend in CONV_AS_DOT_BACKENDS
+  return setting == "always"
 
 
 def count_params(variables: Mapping[str, Any]) -> dict[str, int]:

@@ -181,7 +181,7 @@ RESUMABLE_KEYS = frozenset({
     "checkpoint_every_steps", "max_checkpoints_to_keep", "profile_steps",
     "distributed", "coordinator_address", "num_processes", "process_id",
     "num_train_steps", "num_epochs",
-    "input_pipeline", "compilation_cache_dir", "deterministic",
+    "input_pipeline", "compilation_cache_dir", "deterministic", "conv_as_dot",
 })
 
 

@@ -136,7 +136,9 @@ def create_model(config: ml_collections.ConfigDict) -> models.ResNet:
       config.model, num_classes=mnist.NUM_CLASSES, dtype=config.dtype,
       hidden_units=tuple(int(u) for u in config.hidden_units),
       dropout_rate=config.dropout_rate, bn_momentum=config.bn_momentum,
-      zero_init_residual=config.zero_init_residual)
+      zero_init_residual=config.zero_init_residual,
+      use_conv_as_dot=models.conv_as_dot_on(config.conv_as_dot,
+                                            jax.default_backend()))
 
 
 def model_input(config: ml_collections.ConfigDict) -> preprocess.ModelInput:

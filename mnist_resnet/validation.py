@@ -28,6 +28,7 @@ _CHOICES = {
     "trainable": ("all", "head"),
     "dtype": tuple(models.DTYPES),
     "input_pipeline": data.PIPELINES,
+    "conv_as_dot": models.CONV_AS_DOT_SETTINGS,
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "log_every_steps",
              "checkpoint_every_steps", "max_checkpoints_to_keep",

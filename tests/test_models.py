@@ -193,6 +193,36 @@ def test_bfloat16_forward_close_to_float32(tiny):
   assert 1e-5 < float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref)) < 2e-2
 
 
+def _convolutions(model: models.ResNet, variables: dict, x: jax.Array) -> int:
+  jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(
+      variables, x)
+  return str(jaxpr).count("conv_general_dilated")
+
+
+def test_conv_as_dot_setting_changes_the_program_not_the_model(tiny):
+  model, variables, x = tiny
+  never = models.create_model("resnet_tiny", use_conv_as_dot=False)
+  assert jax.tree.structure(abstract_variables(never)) == jax.tree.structure(
+      variables)
+  # Tiny's 17 convolutions (the stem, 4 blocks of 3 and their projections):
+  # 'never' leaves all of them to XLA; the default turns the 1x1 ones and
+  # those on maps smaller than their kernel into matrix products.
+  assert _convolutions(never, variables, x) == 17
+  assert _convolutions(model, variables, x) < 17
+  ref = jit_apply(model)(variables, x, train=False)
+  out = jit_apply(never)(variables, x, train=False)
+  # Same sums in another order.
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(
+      jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("setting,backend,on", [
+    ("auto", "cpu", True), ("auto", "gpu", True), ("auto", "tpu", True),
+    ("always", "cpu", True), ("never", "cpu", False), ("never", "gpu", False)])
+def test_conv_as_dot_setting_per_backend(setting, backend, on):
+  assert models.conv_as_dot_on(setting, backend) is on
+
+
 def test_bfloat16_keeps_float32_params():
   variables = abstract_variables(models.create_model("resnet_tiny",
                                                      dtype="bfloat16"))
