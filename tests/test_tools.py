@@ -49,5 +49,44 @@ def test_accelerator_checks_quick_mode_runs_every_check(mnist_dir, tmp_path):
   failed = [l for l in lines if "failed" in l]
   assert not failed, (failed, proc.stdout[-3000:])
   checks = {l.get("check") for l in lines}
-  assert {"devices", "smoke", "scratch_3_epochs"} <= checks, checks
-  assert sum(l.get("mode") == "all" for l in lines) == 3, proc.stdout
+  assert {"devices", "smoke", "scratch", "scratch_10_epochs"} <= checks, checks
+  assert sum(l.get("mode") == "all" for l in lines) == 2, proc.stdout
+  # The two step-mode variants say what they varied.
+  steps = [l for l in lines if l.get("mode") == "step"]
+  assert [(l["conv_as_dot"], l["deterministic"]) for l in steps[-2:]] == [
+      (False, False), (True, True)], steps
+  assert (tmp_path / "logs.tgz").is_file()
+
+
+SWEEP = REPO_ROOT / "tools" / "recipe_sweep.py"
+
+
+def test_recipe_sweep_bad_recipe_is_one_line_exit_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(SWEEP), "--data_dir=x", f"--out={tmp_path}",
+       "no name=--config.seed=1"], capture_output=True, text=True,
+      check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      "error: recipe 'no name=--config.seed=1': expected NAME=OVERRIDES "
+      "with NAME a plain word"]
+
+
+def test_recipe_sweep_reads_every_evaluation_in_step_order(tmp_path):
+  sys.path.insert(0, str(SWEEP.parent))
+  try:
+    import recipe_sweep  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+      {"step": 50, "train_loss": 1.0},
+      {"step": 937, "test_accuracy": 0.99, "test_loss": 0.1},
+      {"step": 1874, "test_accuracy": 0.995, "test_loss": 0.09}]) + "\n")
+  assert recipe_sweep.evaluations(tmp_path) == [
+      {"step": 937, "test_accuracy": 0.99},
+      {"step": 1874, "test_accuracy": 0.995}]
+  assert recipe_sweep.evaluations(tmp_path / "absent") == []
+  assert recipe_sweep.parse_recipe("base=") == ("base", [])
+  assert recipe_sweep.parse_recipe("wd=--config.weight_decay=0.1 --config.seed=2"
+                                   ) == ("wd", ["--config.weight_decay=0.1",
+                                                "--config.seed=2"])
