@@ -107,7 +107,8 @@ class _Backbone(nn.Module):
             padding: Any, name: str) -> jax.Array:
     # 1x1 kernels, and kernels larger than the map, as matrix products (see
     # conv_as_dot); XLA's own convolutions are faster for the others.
-    as_dot = self.use_conv_as_dot and (kernel == 1 or min(x.shape[1:3]) < kernel)
+    as_dot = self.use_conv_as_dot and (kernel == 1
+                                       or min(x.shape[1:3]) < kernel)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=padding, use_bias=True, dtype=self.dtype,
                    param_dtype=jnp.float32, kernel_init=_CONV_INIT,

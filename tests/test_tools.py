@@ -87,6 +87,6 @@ def test_recipe_sweep_reads_every_evaluation_in_step_order(tmp_path):
       {"step": 1874, "test_accuracy": 0.995}]
   assert recipe_sweep.evaluations(tmp_path / "absent") == []
   assert recipe_sweep.parse_recipe("base=") == ("base", [])
-  assert recipe_sweep.parse_recipe("wd=--config.weight_decay=0.1 --config.seed=2"
-                                   ) == ("wd", ["--config.weight_decay=0.1",
-                                                "--config.seed=2"])
+  assert recipe_sweep.parse_recipe(
+      "wd=--config.weight_decay=0.1 --config.seed=2") == (
+          "wd", ["--config.weight_decay=0.1", "--config.seed=2"])
