@@ -33,10 +33,12 @@ def uninterrupted(mnist_dir, tmp_path_factory):
 
 
 def as_from_a_terminal():
-  """Ctrl-C reaches a program started from a terminal; a test runner that
-  is itself a background job (CI) hands SIGINT down ignored, and train.py
-  keeps ignored signals ignored."""
+  """Ctrl-C and a closed terminal's SIGHUP reach a program started from a
+  terminal; a test runner that is itself a background job (CI) hands SIGINT
+  down ignored, one under nohup SIGHUP, and train.py keeps ignored signals
+  ignored."""
   signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def start_train(workdir, *args) -> subprocess.Popen:
