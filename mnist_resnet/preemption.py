@@ -52,6 +52,11 @@ def _write_stderr(line: str) -> None:
   os.write(2, (line + "\n").encode())
 
 
+def _as_handled(signum: int) -> int:
+  """SIGHUP (the terminal or ssh session went away) is handled as SIGTERM."""
+  return signal.SIGTERM if signum == signal.SIGHUP else signum
+
+
 def _stopped_line(signum: int) -> str:
   return (f"stopped: {signal.Signals(signum).name} before the first step; "
           "nothing to save" + ("" if signum == signal.SIGINT else
@@ -99,7 +104,7 @@ class StopSignals:
           os.close(read_fd)
           return
         if signum in _HANDLED:
-          self._exit_if_before_loop(signum)
+          self._exit_if_before_loop(_as_handled(signum))
 
   def on_early_exit(self, cleanup: Callable[[], None]) -> None:
     """Runs `cleanup` (bounded) if a signal ends the run before the loop."""
@@ -107,8 +112,6 @@ class StopSignals:
 
   def _exit_if_before_loop(self, signum: int) -> None:
     """Ends the process if the loop has not started (from either thread)."""
-    if signum == signal.SIGHUP:
-      signum = signal.SIGTERM
     with self._state:
       if self._running:
         return
@@ -117,11 +120,10 @@ class StopSignals:
       os._exit(exit_code(signum))  # pylint: disable=protected-access
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    signum = _as_handled(signum)
     # Before the loop the watcher has most likely ended the process already;
     # this is the path for when it could not run.
     self._exit_if_before_loop(signum)
-    if signum == signal.SIGHUP:
-      signum = signal.SIGTERM
     if signum == signal.SIGINT and (self._multiprocess or
                                     self._signum == signal.SIGINT):
       _write_stderr("error: interrupted")
