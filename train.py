@@ -3,9 +3,9 @@
     python train.py --config=configs/default.py --workdir=runs/default \\
         [--config.KEY=VALUE ...]
 
-All the work is in `mnist_resnet.train.train_and_evaluate`; this file owns
-the signals, parses flags, joins the other processes of a multi-host run, and
-maps outcomes to exit codes:
+All the work is in `mnist_resnet.training.train.train_and_evaluate`; this
+file owns the signals, parses flags, joins the other processes of a
+multi-host run, and maps outcomes to exit codes:
 
   0    done (or already done: a finished workdir's results are left as they are)
   2    a user error, one line on stderr: bad flag, config value or file, a
@@ -19,7 +19,7 @@ import sys
 
 # First, before anything slow (imports, data, compiling): from here on a
 # SIGTERM or Ctrl-C ends the run with its exit code, never a traceback.
-from mnist_resnet import preemption
+from mnist_resnet.training import preemption
 
 SIGNALS = preemption.StopSignals()
 
@@ -28,7 +28,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mnist_resnet import cli
+from mnist_resnet.core import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -41,10 +41,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  from mnist_resnet import compile_cache
-  from mnist_resnet import parallel
-  from mnist_resnet import train
-  from mnist_resnet.errors import Preempted
+  from mnist_resnet.core import parallel
+  from mnist_resnet.core.errors import Preempted
+  from mnist_resnet.training import compile_cache
+  from mnist_resnet.training import train
   config = cli.config_value(_CONFIG)
   try:
     with cli.user_errors():

@@ -1,4 +1,6 @@
-"""Throughput benchmark: python -m mnist_resnet.benchmark --config=configs/benchmark.py
+"""Throughput benchmark:
+
+    python -m mnist_resnet.benchmark --config=configs/benchmark.py
 
 Training keys come from configs/default.py (model, image_size, dtype, ...);
 the keys below choose what is measured. To measure another config's

@@ -13,12 +13,12 @@ reads TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING.
 from __future__ import annotations
 
 import json
-import urllib.parse
 import pathlib
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 

@@ -15,16 +15,18 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from mnist_resnet import bench_modes
-from mnist_resnet import benchmark
-from mnist_resnet import flops
-from mnist_resnet import reporting
+from mnist_resnet.commands import bench_modes
+from mnist_resnet.commands import bench_record
+from mnist_resnet.commands import benchmark
+from mnist_resnet.model import flops
+from mnist_resnet.training import reporting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ("--config.model=resnet_tiny", "--config.bench_steps=3",
@@ -310,14 +312,14 @@ def test_parse_sizes():
 
 
 def test_synthetic_batch_is_what_the_pipeline_yields(mnist_dir):
-  from mnist_resnet import data
-  from mnist_resnet import mnist
   from configs import benchmark as benchmark_config
+  from mnist_resnet.data import input_pipeline
+  from mnist_resnet.data import mnist
   config = benchmark_config.get_config()
   config.batch_size = 16
-  fake = bench_modes.synthetic_batch(config)
+  fake = bench_record.synthetic_batch(config)
   split = mnist.load_mnist(mnist_dir)["train"]
-  real = next(data.train_dataset(split, global_batch_size=16,
+  real = next(input_pipeline.train_dataset(split, global_batch_size=16,
                                  seed=0).as_numpy_iterator())
   assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
       k: (v.shape, v.dtype) for k, v in real.items()}
@@ -368,7 +370,7 @@ def test_ready_clock_times_steps_without_blocking_the_caller():
   """`clock(step, metrics)` returns while the step is still running; each
   step's time is taken when its loss is ready, in step order."""
   gate, waited = threading.Event(), []
-  clock = bench_modes.ReadyClock()
+  clock = bench_record.ReadyClock()
 
   def dispatch_three_steps():
     for step in range(1, 4):
@@ -393,7 +395,7 @@ def test_ready_clock_times_steps_without_blocking_the_caller():
 def test_ready_clock_waits_on_jax_arrays():
   import jax
   import jax.numpy as jnp
-  clock = bench_modes.ReadyClock()
+  clock = bench_record.ReadyClock()
   f = jax.jit(lambda x: (x @ x).sum())
   x = jnp.ones((256, 256))
   for step in range(1, 4):
@@ -408,7 +410,7 @@ def test_ready_clock_close_reraises_an_error_of_its_thread():
   gate, waited = threading.Event(), []
   gate.set()
   failure = RuntimeError("device lost during step 2")
-  clock = bench_modes.ReadyClock()
+  clock = bench_record.ReadyClock()
   for step in range(1, 4):
     clock(step, {"train_loss": _GatedLoss(
         step, gate, waited, error=failure if step == 2 else None)})
@@ -437,7 +439,7 @@ def test_mfu_uses_the_model_count(monkeypatch):
   info = {"compile_seconds": 1.0, "flops_per_step_model": 3e10,
           "flops_per_example_train_model": 3e10 / 8,
           "flops_per_step_xla": 1e10}
-  r = bench_modes._result("step", config, [0.01, 0.02, 0.03], 1, info, 788)
+  r = bench_record.result("step", config, [0.01, 0.02, 0.03], 1, info, 788)
   assert (r["flops_per_step_model"], r["flops_per_step_xla"]) == (3e10, 1e10)
   assert r["tflops_per_sec"] == pytest.approx(3e10 / 0.02 / 1e12)  # 1.5
   assert r["peak_tflops_per_device"] == 2.0

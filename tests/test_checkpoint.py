@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_resnet import checkpoint
-from mnist_resnet.rundir import RunDirError
+from mnist_resnet.training import checkpoint
+from mnist_resnet.workdir.rundir import RunDirError
 
 ABSTRACT = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32),
             "b": jax.ShapeDtypeStruct((64,), jnp.float32)}

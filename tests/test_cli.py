@@ -14,8 +14,8 @@ import textwrap
 import pytest
 
 from conftest import REPO_ROOT
-from mnist_resnet import cli
-from mnist_resnet import files
+from mnist_resnet.core import cli
+from mnist_resnet.core import files
 
 # What tensorstore (orbax's storage layer) raised in the main thread when a
 # checkpoint filled a tmpfs: a ValueError, not an OSError.
@@ -85,7 +85,7 @@ def test_user_errors_report_a_full_disk_in_one_line(capsys):
 # does after a failed save), then ends as argv[1] says.
 _STRAY_THREAD = textwrap.dedent("""
     import atexit, pathlib, sys, threading, time
-    from mnist_resnet import cli
+    from mnist_resnet.core import cli
 
     marker = pathlib.Path(sys.argv[2])
 
@@ -165,7 +165,8 @@ def tmpfs(directory: pathlib.Path, options: str):
 
 @pytest.fixture(scope="module")
 def tiny_keras_file(tmp_path_factory):
-  from test_keras_h5 import tiny_keras_layers, write_legacy_h5
+  from test_keras_h5 import tiny_keras_layers
+  from test_keras_h5 import write_legacy_h5
   path = tmp_path_factory.mktemp("keras") / "tiny.h5"
   write_legacy_h5(path, tiny_keras_layers())
   return path

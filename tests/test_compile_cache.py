@@ -16,7 +16,7 @@ import pytest
 
 from configs import default
 from conftest import REPO_ROOT
-from mnist_resnet import compile_cache
+from mnist_resnet.training import compile_cache
 
 # Enables the cache at argv[1] (threshold 0: the tiny program takes far less
 # than the default second to compile), compiles one program, prints what
@@ -25,7 +25,7 @@ _CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp
 from jax import monitoring
-from mnist_resnet import compile_cache
+from mnist_resnet.training import compile_cache
 
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))

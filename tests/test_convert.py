@@ -12,7 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_resnet import convert, keras_parity, models, pretrained, tf_host
+from mnist_resnet.commands import convert
+from mnist_resnet.core import tf_host
+from mnist_resnet.model import keras_parity
+from mnist_resnet.model import pretrained
+from mnist_resnet.model import resnet
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,7 +102,7 @@ def test_convert_and_verify(layout, keras_files, tmp_path, capsys,
 
   # The checkpoint is the backbone, exactly what the loader produces.
   restored = pretrained.restore_variables(out)
-  model = models.create_model("resnet50")
+  model = resnet.create_model("resnet50")
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   direct = pretrained.load_keras_weights(keras_files[layout], abstract)
@@ -156,7 +160,7 @@ def test_unknown_model_is_refused_before_any_work(tmp_path, capsys):
                                   f"--out={tmp_path / 'out'}",
                                   "--model=resnet18")
   assert code == 2 and stdout == [] and stderr == [
-      f"error: unknown model 'resnet18'; known: {', '.join(models.MODELS)}"]
+      f"error: unknown model 'resnet18'; known: {', '.join(resnet.MODELS)}"]
   assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,6 @@
-"""Tests for mnist_resnet.data: the tf.data pipelines, against real MNIST.
+"""Tests for mnist_resnet.data.input_pipeline, against real MNIST.
 
-The training pipeline must follow the reference order in mnist_resnet.order
+The training pipeline must follow the reference order in mnist_resnet.data.order
 exactly; the test pipeline must visit every example once.
 """
 
@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_resnet import data
-from mnist_resnet import mnist
-from mnist_resnet import order
-from mnist_resnet import tf_host
-from mnist_resnet.errors import DataError
+from mnist_resnet.core import tf_host
+from mnist_resnet.core.errors import DataError
+from mnist_resnet.data import input_pipeline
+from mnist_resnet.data import mnist
+from mnist_resnet.data import order
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -33,8 +33,9 @@ def _batches(ds, n=None):
 
 
 def test_import_loads_no_tensorflow():
-  code = ("import sys, mnist_resnet.mnist, mnist_resnet.order, "
-          "mnist_resnet.data; sys.exit('tensorflow' in sys.modules)")
+  code = ("import sys, mnist_resnet.data.mnist, mnist_resnet.data.order, "
+          "mnist_resnet.data.input_pipeline; "
+          "sys.exit('tensorflow' in sys.modules)")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT,
                  env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
@@ -48,10 +49,10 @@ def test_pipelines_take_tensorflow_from_tf_host(monkeypatch):
                       lambda *args: calls.append(args))
   split = mnist.Split(np.zeros((10, 28, 28), np.uint8),
                       np.zeros(10, np.int32))
-  data.train_dataset(split, global_batch_size=5, seed=0)
+  input_pipeline.train_dataset(split, global_batch_size=5, seed=0)
   assert calls == [([], "GPU")]
   monkeypatch.setattr(tf_host, "_gpus_hidden", False)
-  data.test_dataset(split, global_batch_size=5)
+  input_pipeline.test_dataset(split, global_batch_size=5)
   assert calls == [([], "GPU")] * 2
 
 
@@ -60,7 +61,8 @@ def test_pipelines_take_tensorflow_from_tf_host(monkeypatch):
 
 def test_train_batches_shapes_and_reference_order(splits):
   train = splits["train"]
-  ds = data.train_dataset(train, global_batch_size=128, seed=3, num_steps=5)
+  ds = input_pipeline.train_dataset(
+      train, global_batch_size=128, seed=3, num_steps=5)
   spec = ds.element_spec
   assert spec["image"].shape.as_list() == [None, 28, 28] or \
       spec["image"].shape.as_list() == [128, 28, 28]
@@ -77,7 +79,7 @@ def test_train_batches_shapes_and_reference_order(splits):
 
 def test_epoch_covers_file_histogram(splits):
   train = splits["train"]
-  batches = _batches(data.train_dataset(train, global_batch_size=1000,
+  batches = _batches(input_pipeline.train_dataset(train, global_batch_size=1000,
                                         seed=0, num_steps=60))
   labels = np.concatenate([b["label"] for b in batches])
   assert np.bincount(labels, minlength=10).tolist() == TRAIN_COUNTS
@@ -93,8 +95,9 @@ def test_pipeline_matches_reference_for_extreme_seeds_and_epochs(seed):
   split = mnist.Split(rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
                       np.arange(100, dtype=np.int32))
   start = 10 * (2**32 + 3) + 7  # Epoch beyond 2^32, 10 steps per epoch.
-  batches = _batches(data.train_dataset(split, global_batch_size=10, seed=seed,
-                                        start_step=start, num_steps=5))
+  batches = _batches(input_pipeline.train_dataset(
+      split, global_batch_size=10, seed=seed,
+      start_step=start, num_steps=5))
   for step, batch in enumerate(batches, start=start):
     np.testing.assert_array_equal(
         batch["label"], order.global_batch_indices(100, 10, seed, step))
@@ -102,7 +105,7 @@ def test_pipeline_matches_reference_for_extreme_seeds_and_epochs(seed):
 
 def test_same_seed_same_batches_other_seed_different(splits):
   train = splits["train"]
-  make = lambda seed: _batches(data.train_dataset(
+  make = lambda seed: _batches(input_pipeline.train_dataset(
       train, global_batch_size=256, seed=seed, num_steps=3))
   a, b, c = make(7), make(7), make(8)
   for x, y in zip(a, b):
@@ -115,10 +118,12 @@ def test_same_seed_same_batches_other_seed_different(splits):
 def test_start_step_seeks(splits, start_step):
   train = splits["train"]
   # 60 steps per epoch: 58..61 and 119..122 cross an epoch boundary.
-  full = _batches(data.train_dataset(train, global_batch_size=1000, seed=5,
-                                     num_steps=start_step + 4))
-  resumed = _batches(data.train_dataset(train, global_batch_size=1000, seed=5,
-                                        start_step=start_step, num_steps=4))
+  full = _batches(input_pipeline.train_dataset(
+      train, global_batch_size=1000, seed=5,
+      num_steps=start_step + 4))
+  resumed = _batches(input_pipeline.train_dataset(
+      train, global_batch_size=1000, seed=5,
+      start_step=start_step, num_steps=4))
   assert len(resumed) == 4
   for x, y in zip(full[start_step:], resumed):
     np.testing.assert_array_equal(x["label"], y["label"])
@@ -126,8 +131,9 @@ def test_start_step_seeks(splits, start_step):
 
 
 def test_infinite_by_default(splits):
-  ds = data.train_dataset(splits["train"], global_batch_size=20000, seed=0,
-                          start_step=1)
+  ds = input_pipeline.train_dataset(
+      splits["train"], global_batch_size=20000, seed=0,
+      start_step=1)
   batches = _batches(ds, 7)  # 3 steps per epoch: crosses two boundaries.
   assert len(batches) == 7
   for step, batch in enumerate(batches, start=1):
@@ -140,9 +146,10 @@ def test_process_shards_partition_the_global_batch(splits, process_count):
   train = splits["train"]
   g = 1000
   start = 59  # Crosses into epoch 1 after one step.
-  whole = _batches(data.train_dataset(train, global_batch_size=g, seed=1,
-                                      start_step=start, num_steps=3))
-  shards = [_batches(data.train_dataset(
+  whole = _batches(input_pipeline.train_dataset(
+      train, global_batch_size=g, seed=1,
+      start_step=start, num_steps=3))
+  shards = [_batches(input_pipeline.train_dataset(
       train, global_batch_size=g, seed=1, start_step=start, num_steps=3,
       process_index=p, process_count=process_count))
             for p in range(process_count)]
@@ -167,12 +174,15 @@ def test_process_shards_partition_the_global_batch(splits, process_count):
 def test_train_rejects_bad_sizes(splits):
   train = splits["train"]
   with pytest.raises(DataError, match="does not split evenly"):
-    data.train_dataset(train, global_batch_size=100, seed=0, process_count=3)
+    input_pipeline.train_dataset(
+        train, global_batch_size=100, seed=0, process_count=3)
   with pytest.raises(ValueError):
-    data.train_dataset(train, global_batch_size=100, seed=0, process_index=2,
-                       process_count=2)
+    input_pipeline.train_dataset(
+        train, global_batch_size=100, seed=0, process_index=2,
+        process_count=2)
   with pytest.raises(ValueError):
-    data.train_dataset(train, global_batch_size=100, seed=0, start_step=-1)
+    input_pipeline.train_dataset(
+        train, global_batch_size=100, seed=0, start_step=-1)
 
 
 # --- Test pipeline -----------------------------------------------------------
@@ -189,7 +199,7 @@ def _masked_indices(batches, global_batch_size, process_index, local):
 
 def test_test_pipeline_covers_everything_once(splits):
   test = splits["test"]
-  batches = _batches(data.test_dataset(test, global_batch_size=768))
+  batches = _batches(input_pipeline.test_dataset(test, global_batch_size=768))
   assert len(batches) == 14  # ceil(10000 / 768)
   for batch in batches:
     assert batch["image"].shape == (768, 28, 28)
@@ -206,9 +216,9 @@ def test_test_pipeline_covers_everything_once(splits):
 def test_test_pipeline_two_processes(splits):
   test = splits["test"]
   g, count = 768, 2
-  per_process = [_batches(data.test_dataset(
+  per_process = [_batches(input_pipeline.test_dataset(
       test, global_batch_size=g, process_index=p, process_count=count))
-                 for p in range(count)]
+      for p in range(count)]
   assert [len(b) for b in per_process] == [14, 14]
   seen = []
   for p, batches in enumerate(per_process):
@@ -232,12 +242,14 @@ def _device_batches(split, *, global_batch_size, seed, start_step, num_steps):
   """The device pipeline's batches, gathered by the jitted function the
   train step uses, on every device of this process."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mnist_resnet import parallel  # pylint: disable=g-import-not-at-top
+
+  from mnist_resnet.core import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh()
-  inputs = data.device_train_inputs(
-      data.to_devices(split, mesh), global_batch_size=global_batch_size,
+  inputs = input_pipeline.device_train_inputs(
+      input_pipeline.to_devices(
+          split, mesh), global_batch_size=global_batch_size,
       seed=seed, start_step=start_step, mesh=mesh)
-  gather = jax.jit(lambda i, s: data.gather_train_batch(
+  gather = jax.jit(lambda i, s: input_pipeline.gather_train_batch(
       i, s, global_batch_size=global_batch_size, mesh=mesh))
   out = []
   for step in range(start_step, start_step + num_steps):
@@ -258,7 +270,7 @@ def test_device_pipeline_gives_the_tf_data_batches(start_step):
   kwargs = dict(global_batch_size=10, seed=3, start_step=start_step,
                 num_steps=25)
   device = _device_batches(split, **kwargs)
-  host = _batches(data.train_dataset(split, **kwargs))
+  host = _batches(input_pipeline.train_dataset(split, **kwargs))
   assert len(device) == len(host) == 25
   for d, h in zip(device, host):
     np.testing.assert_array_equal(d["image"], h["image"])
@@ -269,15 +281,16 @@ def test_device_test_batches_equal_the_test_pipeline():
   """Evaluation on the device sees exactly the tf.data test batches:
   padding rows zero and masked."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mnist_resnet import parallel  # pylint: disable=g-import-not-at-top
+
+  from mnist_resnet.core import parallel  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(2)
   split = mnist.Split(rng.integers(0, 256, (23, 28, 28), dtype=np.uint8),
                       rng.integers(0, 10, 23).astype(np.int32))
   mesh = parallel.create_mesh()
-  on_device = data.to_devices(split, mesh)
-  gather = jax.jit(lambda d, b: data.gather_test_batch(
+  on_device = input_pipeline.to_devices(split, mesh)
+  gather = jax.jit(lambda d, b: input_pipeline.gather_test_batch(
       d, b, global_batch_size=8, mesh=mesh))
-  host = _batches(data.test_dataset(split, global_batch_size=8))
+  host = _batches(input_pipeline.test_dataset(split, global_batch_size=8))
   assert len(host) == 3
   for b, expected in enumerate(host):
     got = jax.device_get(gather(on_device, np.int32(b)))

@@ -16,9 +16,9 @@ import threading
 import numpy as np
 import pytest
 
-from mnist_resnet import mnist
-from mnist_resnet import idx
-from mnist_resnet.errors import DataError
+from mnist_resnet.core.errors import DataError
+from mnist_resnet.data import idx
+from mnist_resnet.data import mnist
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

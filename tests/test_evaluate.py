@@ -16,15 +16,17 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from conftest import REPO_ROOT
-from mnist_resnet import evaluate
-from mnist_resnet import mnist
-from mnist_resnet import pictures
-from mnist_resnet.errors import DataError
-from mnist_resnet.rundir import RunDirError
+from mnist_resnet.commands import evaluate
+from mnist_resnet.core.errors import DataError
+from mnist_resnet.data import mnist
+from mnist_resnet.training import pictures
+from mnist_resnet.training import report
+from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir.rundir import RunDirError
 
 # Runs the command as a user would on an accelerator image: TensorFlow (and
 # Keras, Google Cloud's libraries) impossible to import.
@@ -140,7 +142,7 @@ def test_confusion_matrix_agrees_with_the_labels(evaluated, test_labels):
   assert record["errors"] == 10000 - np.trace(matrix)
   assert record["accuracy"] == np.trace(matrix) / 10000
   top = record["top_confusions"]
-  assert 0 < len(top) <= evaluate.TOP_CONFUSIONS
+  assert 0 < len(top) <= report.TOP_CONFUSIONS
   assert [c["count"] for c in top] == sorted(
       (c["count"] for c in top), reverse=True)
   for c in top:
@@ -177,7 +179,7 @@ def test_numbered_step(run, mnist_dir):
   what the run logged for its evaluation at step 20."""
   early, out = evaluate.evaluate(str(run), "20", data_dir=str(mnist_dir),
                                  out=str(run / "mine"))
-  assert out == evaluate.rundir.workdir_path(run / "mine")
+  assert out == rundir.workdir_path(run / "mine")
   logged = [json.loads(line) for line in
             (run / "metrics.jsonl").read_text().splitlines()]
   at_20 = next(r for r in logged if r["step"] == 20 and "test_accuracy" in r)
@@ -185,7 +187,7 @@ def test_numbered_step(run, mnist_dir):
   assert early.record["accuracy"] == at_20["test_accuracy"]
   assert early.record["loss"] == pytest.approx(at_20["test_loss"], rel=1e-5)
   assert json.loads((run / "mine" / "eval.json").read_text()) == json.loads(
-      evaluate.rundir.to_json(early.record))
+      rundir.to_json(early.record))
   assert decode(run / "mine" / "confusion.png").size == (
       pictures.CONFUSION_SIZE)
 
@@ -293,7 +295,7 @@ def test_metrics_from_logits_by_hand():
   probabilities = [[0.9, 0.05, 0.05], [0.62, 0.28, 0.1], [0.2, 0.7, 0.1],
                    [0.1, 0.2, 0.7]]
   labels = [0, 1, 1, 2]
-  m = evaluate.metrics_from_logits(logits_of(probabilities), labels)
+  m = report.metrics_from_logits(logits_of(probabilities), labels)
   assert m["accuracy"] == 0.75
   assert m["eval_examples"] == 4 and m["errors"] == 1
   assert m["loss"] == pytest.approx(
@@ -313,11 +315,11 @@ def test_metrics_from_logits_by_hand():
   assert bins[9]["accuracy"] == 0.0 and bins[0]["accuracy"] is None
   assert bins[9]["lower"] == pytest.approx(9 / 15)
   assert bins[9]["upper"] == pytest.approx(10 / 15)
-  json.loads(evaluate.rundir.to_json(m))  # Strict JSON.
+  json.loads(rundir.to_json(m))  # Strict JSON.
 
 
 def test_calibration_bins_are_closed_on_the_right():
-  ece, bins = evaluate.calibration([0.5, 1.0, 0.25], [1, 1, 0], bins=2)
+  ece, bins = report.calibration([0.5, 1.0, 0.25], [1, 1, 0], bins=2)
   assert [b["count"] for b in bins] == [2, 1]
   # Bin (0, 0.5]: accuracy 1/2, confidence 0.375; bin (0.5, 1]: 1 and 1.
   assert ece == pytest.approx(2 / 3 * 0.125)
@@ -326,7 +328,7 @@ def test_calibration_bins_are_closed_on_the_right():
 def test_metrics_of_a_perfect_model_and_an_absent_class():
   labels = np.array([0, 1, 1, 3])
   logits = np.eye(4, dtype=np.float32)[labels] * 50
-  m = evaluate.metrics_from_logits(logits, labels)
+  m = report.metrics_from_logits(logits, labels)
   assert m["accuracy"] == 1.0 and m["errors"] == 0
   assert m["per_class_accuracy"] == [1.0, 1.0, None, 1.0]
   assert m["top_confusions"] == []
@@ -335,29 +337,29 @@ def test_metrics_of_a_perfect_model_and_an_absent_class():
 
 def test_top_confusions_order_and_limit():
   matrix = np.array([[5, 2, 3], [3, 5, 0], [1, 0, 5]])
-  top = evaluate.top_confusions(matrix, limit=3)
+  top = report.top_confusions(matrix, limit=3)
   assert top == [{"true": 0, "predicted": 2, "count": 3},
                  {"true": 1, "predicted": 0, "count": 3},
                  {"true": 0, "predicted": 1, "count": 2}]
 
 
 def test_worst_errors_first():
-  probabilities = evaluate.softmax(logits_of(
+  probabilities = report.softmax(logits_of(
       [[0.6, 0.4], [0.1, 0.9], [0.3, 0.7], [0.95, 0.05], [0.2, 0.8]]))
   labels = np.array([1, 1, 0, 1, 0])
   # Wrong: 0 (0.6 on class 0), 2 (0.7), 3 (0.95), 4 (0.8).
-  assert evaluate.worst_errors(probabilities, labels).tolist() == [3, 4, 2, 0]
-  assert evaluate.worst_errors(probabilities, labels, limit=2).tolist() == [
+  assert report.worst_errors(probabilities, labels).tolist() == [3, 4, 2, 0]
+  assert report.worst_errors(probabilities, labels, limit=2).tolist() == [
       3, 4]
 
 
 def test_read_metrics_skips_broken_lines(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "train_loss": 2.0}\n[1, 2]\n{"step": 2, "tr')
-  rows = evaluate.read_metrics(evaluate.rundir.workdir_path(path))
+  rows = report.read_metrics(rundir.workdir_path(path))
   assert rows == [{"step": 1, "train_loss": 2.0}]
-  assert evaluate.read_metrics(
-      evaluate.rundir.workdir_path(tmp_path / "none")) is None
+  assert report.read_metrics(
+      rundir.workdir_path(tmp_path / "none")) is None
 
 
 # --- report(): what the training loop calls -----------------------------------
@@ -383,8 +385,8 @@ def test_report_writes_only_on_process_0(tmp_path, monkeypatch):
   labels = [0, 1, 2, 3]
   logits = np.eye(10, dtype=np.float32)[[0, 1, 2, 2]] * 5
   model = FakeModel(tmp_path, logits)
-  monkeypatch.setattr(evaluate.jax, "process_index", lambda: 1)
-  result = evaluate.report(model, fake_split(4, labels), tmp_path / "out")
+  monkeypatch.setattr(report.jax, "process_index", lambda: 1)
+  result = report.report(model, fake_split(4, labels), tmp_path / "out")
   assert not (tmp_path / "out").exists()
   assert result.record["errors"] == 1 and result.record["step"] == 7
   assert Image.open(io.BytesIO(result.confusion_png)).size == (
@@ -395,7 +397,7 @@ def test_report_without_metrics_or_errors(tmp_path, caplog):
   labels = [3, 1, 4, 1, 5]
   logits = np.eye(10, dtype=np.float32)[labels] * 5
   out = tmp_path / "out"
-  result = evaluate.report(FakeModel(tmp_path, logits), fake_split(5, labels),
+  result = report.report(FakeModel(tmp_path, logits), fake_split(5, labels),
                            out)
   assert sorted(p.name for p in out.iterdir()) == [
       "confusion.png", "errors.png", "eval.json"]

@@ -10,16 +10,16 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
 from configs import smoke
-from mnist_resnet import evaluator
-from mnist_resnet import mnist
-from mnist_resnet import parallel
-from mnist_resnet import train
+from conftest import REPO_ROOT
+from mnist_resnet.core import parallel
+from mnist_resnet.data import mnist
+from mnist_resnet.training import evaluator
+from mnist_resnet.training import program as program_lib
 
 
 def _evaluate(config, state, labels, images=None, pipeline="tfdata"):
-  program = train.build_program(config, 1000)
+  program = program_lib.build_program(config, 1000)
   if images is None:
     images = np.zeros((len(labels), 28, 28), np.uint8)
   split = mnist.Split(images, np.asarray(labels, np.int32))
@@ -40,7 +40,7 @@ def _random_head(state):
 
 def _reference_logits(config, state, images):
   """The model applied to all images at once, outside the evaluator."""
-  program = train.build_program(config, 1000)
+  program = program_lib.build_program(config, 1000)
   x = program.model_input.for_eval(images)
   return np.asarray(jax.jit(lambda v, x: program.model.apply(
       v, x, train=False))({"params": state.params,
@@ -52,7 +52,7 @@ def check_logits_of_last_call(config, pipeline):
   order, padding cut off (11 examples, batches that do not divide them)."""
   images = np.random.default_rng(1).integers(0, 256, (11, 28, 28), np.uint8)
   state = _random_head(jax.device_get(
-      train.build_program(config, 1000).initial_state()))
+      program_lib.build_program(config, 1000).initial_state()))
   got, evaluate = _evaluate(config, state, LABELS, images, pipeline)
   logits = evaluate.logits_of_last_call()
   assert logits.shape == (11, 10) and logits.dtype == np.float32
@@ -78,7 +78,8 @@ def test_evaluation_uses_the_ema_when_kept():
   config = smoke.get_config()
   config.ema_decay = 0.99
   config.eval_batch_size = 8
-  state = jax.device_get(train.build_program(config, 1000).initial_state())
+  state = jax.device_get(
+      program_lib.build_program(config, 1000).initial_state())
   ema = {"params": _always_three(state, lambda s: s.ema),
          "batch_stats": state.ema["batch_stats"]}
   got, _ = _evaluate(config, state.replace(ema=ema), LABELS)
@@ -108,7 +109,8 @@ assert jax.device_count() == 8
 config = smoke.get_config()
 config.batch_size = 8
 config.eval_batch_size = 5
-state = jax.device_get(t.train.build_program(config, 1000).initial_state())
+state = jax.device_get(
+    t.program_lib.build_program(config, 1000).initial_state())
 params = t._always_three(state, lambda s: {{"params": s.params}})
 got, evaluate = t._evaluate(config, state.replace(params=params), t.LABELS)
 assert evaluate.batch_size == 8, evaluate.batch_size

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from mnist_resnet import idx, mnist, trained
+from mnist_resnet.data import idx
+from mnist_resnet.data import mnist
+from mnist_resnet.training import trained
 
 BATCHES = (1, 37)
 TOLERANCE = 1e-5

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import pytest
 
 from configs import benchmark as benchmark_config
-from mnist_resnet import bench_modes
-from mnist_resnet import flops
-from mnist_resnet import mnist
-from mnist_resnet import models
-from mnist_resnet import train
+from mnist_resnet.commands import bench_record
+from mnist_resnet.data import mnist
+from mnist_resnet.model import flops
+from mnist_resnet.model import resnet
+from mnist_resnet.training import program as program_lib
 
 
 def _resnet_forward_macs(size: int, stage_sizes: Sequence[int],
@@ -91,7 +91,7 @@ def test_hand_counted_small_model():
 
 
 def test_frozen_layers_count_forward_only():
-  layers = flops.model_layers(models.create_model("resnet_tiny"), 32)
+  layers = flops.model_layers(resnet.create_model("resnet_tiny"), 32)
   head = sum(l.flops for l in layers if l.group == "head")
   backbone = sum(l.flops for l in layers if l.group == "backbone")
   assert head and backbone and {l.group for l in layers} == {"backbone",
@@ -117,7 +117,7 @@ def test_unknown_layer_type_is_an_error():
     ("resnet50", 32), ("resnet50", 224), ("resnet_tiny", 28),
     ("resnet_tiny", 64)])
 def test_model_count_matches_the_architecture(name, size):
-  layers = flops.model_layers(models.create_model(name), size)
+  layers = flops.model_layers(resnet.create_model(name), size)
   if name == "resnet50":
     macs = _resnet50_macs(size)
     assert len(layers) == 53 + 1  # 53 convolutions, the dense head.
@@ -129,7 +129,7 @@ def test_model_count_matches_the_architecture(name, size):
 def test_resnet50_224_reference():
   # Keras's ResNet50 (v1: the stride on the first 1x1) with a 10-class
   # head: 3.856 GMAC forward per image; training 23.1 GFLOP per image.
-  layers = flops.model_layers(models.create_model("resnet50"), 224)
+  layers = flops.model_layers(resnet.create_model("resnet50"), 224)
   forward = flops.forward_flops_per_example(layers)
   assert forward == 2 * 3_855_945_728
   assert flops.train_flops_per_example(layers) == 6 * 3_855_945_728
@@ -146,7 +146,7 @@ def test_module_walk_matches_the_traced_program(size):
   equal at 224x224; at 32x32 the 3x3 convolutions of the last stage run on
   1x1 maps as matrix products of their centre tap (models.conv_as_dot), so
   the program holds 8 of 9 taps fewer there."""
-  model = models.create_model("resnet50")
+  model = resnet.create_model("resnet50")
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros(x.shape), train=False))
@@ -167,9 +167,9 @@ def test_model_and_xla_counts_agree(size):
   maps are small and padding is a larger share."""
   config = benchmark_config.get_config()
   config.model, config.image_size, config.batch_size = "resnet50", size, 128
-  program = train.build_program(config, mnist.TRAIN_EXAMPLES)
-  model = bench_modes.model_flops(program, config)
-  xla = bench_modes.xla_flops_per_step(bench_modes.lower_step(program,
+  program = program_lib.build_program(config, mnist.TRAIN_EXAMPLES)
+  model = bench_record.model_flops(program, config)
+  xla = bench_record.xla_flops_per_step(bench_record.lower_step(program,
                                                               config))
   assert model["flops_per_step_model"] == 128 * 6 * _resnet50_macs(size)
   assert model["flops_per_example_train_model"] == 6 * _resnet50_macs(size)

@@ -18,12 +18,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import pytest
 from etils import epath
-
-from conftest import REPO_ROOT
+import pytest
 from test_reporting import board_scalars
 from test_train import SMOKE
+
+from conftest import REPO_ROOT
 
 PREEMPTED = 75
 STEPS = 120

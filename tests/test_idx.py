@@ -1,4 +1,4 @@
-"""Tests for mnist_resnet.idx: round trips and one crafted file per fault."""
+"""Tests for mnist_resnet.data.idx: round trips, one crafted file per fault."""
 
 import gzip
 import io
@@ -11,8 +11,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mnist_resnet import errors
-from mnist_resnet import idx
+from mnist_resnet.core import errors
+from mnist_resnet.data import idx
 
 DTYPES = (np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64)
 

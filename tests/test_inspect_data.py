@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_resnet import idx
-from mnist_resnet import mnist
+from mnist_resnet.data import idx
+from mnist_resnet.data import mnist
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mnist_resnet import keras_h5, models
-from mnist_resnet.errors import WeightsError
+from mnist_resnet.core.errors import WeightsError
+from mnist_resnet.model import keras_h5
+from mnist_resnet.model import resnet
 
 
 def write_legacy_h5(path, layers, *, under: str | None = None) -> None:
@@ -71,7 +72,7 @@ def write_keras3_h5(target, layers, *, named: bool = True,
 
 @functools.lru_cache(maxsize=None)
 def tiny_abstract():
-  model = models.create_model("resnet_tiny")
+  model = resnet.create_model("resnet_tiny")
   return jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
 

@@ -1,4 +1,4 @@
-"""`python -m mnist_resnet.launch` with small stand-in processes: exit codes,
+"""`python tools/launch.py` with small stand-in processes: exit codes,
 flag errors, and signals passed on to every process."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from mnist_resnet import launch
+from tools import launch
+
+LAUNCH = str(REPO_ROOT / "tools" / "launch.py")
 
 
 def _launch(*args: str, wait: bool = True):
-  cmd = [sys.executable, "-m", "mnist_resnet.launch", *args]
+  cmd = [sys.executable, LAUNCH, *args]
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   if not wait:

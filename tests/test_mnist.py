@@ -1,4 +1,4 @@
-"""Tests for mnist_resnet.mnist: finding, checking and loading the idx files.
+"""Tests for mnist_resnet.data.mnist: finding, checking, loading the idx files.
 
 Most tests run on real MNIST (skipped when it is absent); validation faults
 use small crafted idx files. Downloads are tested in test_download.py.
@@ -10,9 +10,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from mnist_resnet import idx
-from mnist_resnet import mnist
-from mnist_resnet.errors import DataError
+from mnist_resnet.core.errors import DataError
+from mnist_resnet.data import idx
+from mnist_resnet.data import mnist
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_resnet import models
+from mnist_resnet.model import resnet
 
 # Keras's keras.applications.ResNet50(include_top=False) sizes.
 KERAS_RESNET50_TRAINABLE = 23_534_592
 KERAS_RESNET50_BN_STATS = 53_120
 
 
-def abstract_variables(model: models.ResNet, size: int = 32) -> dict:
+def abstract_variables(model: resnet.ResNet, size: int = 32) -> dict:
   return jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
 
@@ -29,7 +29,7 @@ def tiny():
   """The tiny model with a random output layer, as after training: at
   initialisation it is zero, and zero logits would hide what these tests
   compare (dropout, dtypes)."""
-  model = models.create_model("resnet_tiny")
+  model = resnet.create_model("resnet_tiny")
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 50
   variables = jax.jit(model.init, static_argnames="train")(
       jax.random.key(0), x, train=False)
@@ -48,7 +48,7 @@ def test_every_model_starts_at_uniform_predictions(name, hidden_units,
   """Initial loss ln 10 (within 0.1, the issue's bound; here exact), in
   training mode (dropout, batch statistics) on images whatever their scale:
   a new head never starts confidently wrong."""
-  model = models.create_model(name, hidden_units=hidden_units)
+  model = resnet.create_model(name, hidden_units=hidden_units)
   x = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3), maxval=255.0)
   variables = jax.jit(model.init, static_argnames="train")(
       jax.random.key(0), x, train=False)
@@ -65,15 +65,15 @@ def test_every_model_starts_at_uniform_predictions(name, hidden_units,
 
 
 @functools.lru_cache(maxsize=None)
-def jit_apply(model: models.ResNet):
+def jit_apply(model: resnet.ResNet):
   """`model.apply`, compiled: op-by-op execution is slow on CPU."""
   return jax.jit(model.apply, static_argnames=("train", "frozen_backbone",
                                                "mutable", "method"))
 
 
 def test_resnet50_sizes_equal_keras():
-  variables = abstract_variables(models.create_model("resnet50"))
-  counts = models.count_params(backbone_only(variables))
+  variables = abstract_variables(resnet.create_model("resnet50"))
+  counts = resnet.count_params(backbone_only(variables))
   assert counts == {"trainable": KERAS_RESNET50_TRAINABLE,
                     "batch_stats": KERAS_RESNET50_BN_STATS}
   assert sorted(variables["params"]) == ["backbone", "head"]
@@ -83,7 +83,7 @@ def test_resnet50_sizes_equal_keras():
 
 
 def test_resnet50_names_and_shapes_equal_keras():
-  from mnist_resnet.tf_host import import_keras
+  from mnist_resnet.core.tf_host import import_keras
   keras = import_keras()
   keras_model = keras.applications.ResNet50(
       weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
@@ -94,7 +94,7 @@ def test_resnet50_names_and_shapes_equal_keras():
   assert sum(int(np.prod(w.shape)) for w in
              keras_model.non_trainable_weights) == KERAS_RESNET50_BN_STATS
 
-  variables = abstract_variables(models.create_model("resnet50"))
+  variables = abstract_variables(resnet.create_model("resnet50"))
   params = variables["params"]["backbone"]
   stats = variables["batch_stats"]["backbone"]
   assert set(params) == set(keras_shapes)
@@ -109,7 +109,7 @@ def test_resnet50_names_and_shapes_equal_keras():
 
 @pytest.mark.parametrize("name,blocks", [("resnet101", 33), ("resnet152", 50)])
 def test_deeper_variants_have_keras_block_names(name, blocks):
-  params = abstract_variables(models.create_model(name))["params"]["backbone"]
+  params = abstract_variables(resnet.create_model(name))["params"]["backbone"]
   assert len({k.rsplit("_", 2)[0] for k in params if "block" in k}) == blocks
   assert "conv5_block3_3_bn" in params and "conv4_block6_1_conv" in params
 
@@ -119,7 +119,7 @@ def test_tiny_forward_backward_is_cheap(tiny):
   path at a small, pinned size (no wall-clock check: cores are shared)."""
   model, variables, x = tiny
   labels = jnp.arange(x.shape[0]) % 10
-  assert models.count_params(variables) == {"trainable": 133_690,
+  assert resnet.count_params(variables) == {"trainable": 133_690,
                                             "batch_stats": 2_432}
 
   @jax.jit
@@ -149,13 +149,13 @@ def test_logits_and_features_shapes_and_dtypes(tiny):
   logits = jit_apply(model)(variables, x, train=False)
   assert logits.shape == (4, 10) and logits.dtype == jnp.float32
   features = jit_apply(model)(variables, x, train=False,
-                              method=models.ResNet.features)
+                              method=resnet.ResNet.features)
   assert features.shape == (4, 4 * 64) and features.dtype == jnp.float32
 
 
 def test_bfloat16_forward_close_to_float32(tiny):
   model, variables, x = tiny
-  bf16 = models.create_model("resnet_tiny", dtype="bfloat16")
+  bf16 = resnet.create_model("resnet_tiny", dtype="bfloat16")
   # Same float32 variables drive both models.
   assert jax.tree.structure(abstract_variables(bf16)) == jax.tree.structure(
       variables)
@@ -170,7 +170,7 @@ def test_bfloat16_forward_close_to_float32(tiny):
   assert len(layers) == 34
   assert set(layers.values()) == {jnp.dtype(jnp.bfloat16)}
   assert inner["__call__"][0].dtype == jnp.float32
-  for method in (None, models.ResNet.features):
+  for method in (None, resnet.ResNet.features):
     kwargs = {} if method is None else {"method": method}
     ref = jit_apply(model)(variables, x, train=False, **kwargs)
     out = jit_apply(bf16)(variables, x, train=False, **kwargs)
@@ -193,7 +193,7 @@ def test_bfloat16_forward_close_to_float32(tiny):
   assert 1e-5 < float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref)) < 2e-2
 
 
-def _convolutions(model: models.ResNet, variables: dict, x: jax.Array) -> int:
+def _convolutions(model: resnet.ResNet, variables: dict, x: jax.Array) -> int:
   jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(
       variables, x)
   return str(jaxpr).count("conv_general_dilated")
@@ -201,7 +201,7 @@ def _convolutions(model: models.ResNet, variables: dict, x: jax.Array) -> int:
 
 def test_conv_as_dot_setting_changes_the_program_not_the_model(tiny):
   model, variables, x = tiny
-  never = models.create_model("resnet_tiny", use_conv_as_dot=False)
+  never = resnet.create_model("resnet_tiny", use_conv_as_dot=False)
   assert jax.tree.structure(abstract_variables(never)) == jax.tree.structure(
       variables)
   # Tiny's 17 convolutions (the stem, 4 blocks of 3 and their projections):
@@ -220,11 +220,11 @@ def test_conv_as_dot_setting_changes_the_program_not_the_model(tiny):
     ("auto", "cpu", True), ("auto", "gpu", True), ("auto", "tpu", True),
     ("always", "cpu", True), ("never", "cpu", False), ("never", "gpu", False)])
 def test_conv_as_dot_setting_per_backend(setting, backend, on):
-  assert models.conv_as_dot_on(setting, backend) is on
+  assert resnet.conv_as_dot_on(setting, backend) is on
 
 
 def test_bfloat16_keeps_float32_params():
-  variables = abstract_variables(models.create_model("resnet_tiny",
+  variables = abstract_variables(resnet.create_model("resnet_tiny",
                                                      dtype="bfloat16"))
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {
       jnp.dtype(jnp.float32)}
@@ -257,7 +257,7 @@ def test_dropout_only_in_training(tiny):
   assert not np.allclose(logits(True, 0), logits(True, 1))
   # A frozen backbone still has an active head dropout, and dropout is the
   # only difference between train and eval with a frozen backbone.
-  no_dropout = models.create_model("resnet_tiny", dropout_rate=0.0)
+  no_dropout = resnet.create_model("resnet_tiny", dropout_rate=0.0)
   out = jit_apply(no_dropout)(variables, x, train=True,
                               frozen_backbone=True,
                               mutable=("batch_stats",))[0]
@@ -265,7 +265,7 @@ def test_dropout_only_in_training(tiny):
 
 
 def test_hidden_units_head():
-  model = models.create_model("resnet_tiny", hidden_units=(32, 16))
+  model = resnet.create_model("resnet_tiny", hidden_units=(32, 16))
   params = abstract_variables(model)["params"]["head"]
   assert sorted(params) == ["hidden_0", "hidden_1", "logits"]
   assert params["hidden_0"]["kernel"].shape == (256, 32)

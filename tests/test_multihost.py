@@ -13,11 +13,15 @@ import sys
 import time
 
 import pytest
+from test_train import EQUIVALENCE_ARGS as ARGS
+from test_train import SMOKE
+from test_train import assert_same_training
+from test_train import logged_steps
+from test_train import metrics
+from test_train import results
+from test_train import run_train
 
 from conftest import REPO_ROOT
-from test_train import EQUIVALENCE_ARGS as ARGS
-from test_train import SMOKE, assert_same_training, metrics, results
-from test_train import logged_steps, run_train
 
 
 def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
@@ -27,7 +31,7 @@ def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
   The timeout is generous: on a loaded 2-core machine the fixture's 20-step
   two-process run has taken over 170 s.
   """
-  cmd = [sys.executable, "-m", "mnist_resnet.launch",
+  cmd = [sys.executable, str(REPO_ROOT / "tools" / "launch.py"),
          f"--num_processes={num_processes}",
          f"--devices_per_process={devices}", f"--timeout={timeout}",
          f"--logs={workdir}/logs", "--",

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from mnist_resnet import models
-from mnist_resnet import optim
+from mnist_resnet.model import resnet
+from mnist_resnet.training import optim
 
 
 def flat(tree):
@@ -21,7 +21,7 @@ def flat(tree):
 def tiny_params():
   """The tiny model's parameters, its output layer random as after
   training (it starts at zero, which no decay would move)."""
-  model = models.create_model("resnet_tiny")
+  model = resnet.create_model("resnet_tiny")
   # Jitted: op-by-op initialisation of the ResNet is several times slower.
   params = jax.device_get(jax.jit(
       lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)),

@@ -1,4 +1,4 @@
-"""Tests for mnist_resnet.order: the training order's reference definition.
+"""Tests for mnist_resnet.data.order: the training order's reference definition.
 
 That the pipelines follow it is tested in test_data.py.
 """
@@ -6,8 +6,8 @@ That the pipelines follow it is tested in test_data.py.
 import numpy as np
 import pytest
 
-from mnist_resnet import order
-from mnist_resnet.errors import DataError
+from mnist_resnet.core.errors import DataError
+from mnist_resnet.data import order
 
 
 @pytest.mark.parametrize("args,first", [

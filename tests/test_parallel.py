@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_resnet import parallel
+from mnist_resnet.core import parallel
 
 ENV = (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES,
        parallel.ENV_PROCESS_ID)

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from conftest import REPO_ROOT
-from mnist_resnet import pictures
+from mnist_resnet.training import pictures
 
 
 def decode(png: bytes) -> Image.Image:

@@ -16,7 +16,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mnist_resnet import idx, mnist, predict
+from mnist_resnet.commands import digits as digits_lib
+from mnist_resnet.commands import predict
+from mnist_resnet.data import idx
+from mnist_resnet.data import mnist
+from mnist_resnet.training import report
+from mnist_resnet.training import trained
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -116,7 +121,7 @@ def test_an_enlarged_moved_digit_comes_back_as_it_was(test_set, resample):
   for image in images[:40]:
     canvas = np.zeros((260, 200), np.uint8)
     canvas[100:240, 10:150] = np.asarray(enlarged(image, 140, resample))
-    out = predict.to_mnist(canvas)
+    out = digits_lib.to_mnist(canvas)
     assert out.dtype == np.uint8 and out.shape == (28, 28)
     # MNIST's centres of mass lie within half a pixel of (14, 14) (and a
     # little more after rounding to uint8).
@@ -134,7 +139,7 @@ def test_an_enlarged_moved_digit_comes_back_as_it_was(test_set, resample):
 def test_a_dark_shape_on_light_ground_is_fitted_light_on_black():
   grey = np.full((300, 400), 0.9)
   grey[50:250, 100:150] = 0.2  # A bar 200 tall, 50 wide.
-  out = predict.to_mnist(grey)
+  out = digits_lib.to_mnist(grey)
   assert bounding_box(out) == (20, 5)  # Aspect kept, larger side 20.
   assert out.max() == 255 and out[0, 0] == 0
   np.testing.assert_array_less(np.abs(centre_of_mass(out) - 14), 0.51)
@@ -145,7 +150,7 @@ def test_a_lopsided_digit_is_moved_back_inside_the_field():
   grey[10:40, 10:40] = 255  # Most of the mass in the top left corner...
   for i in range(40, 110):
     grey[i, i - 1:i + 1] = 255  # ... and a thin tail to the bottom right.
-  out = predict.to_mnist(grey)
+  out = digits_lib.to_mnist(grey)
   # The centre of mass cannot reach the centre without the tail leaving the
   # field; the whole digit stays in it instead.
   assert bounding_box(out) == (20, 20)
@@ -160,7 +165,7 @@ def test_ground_shading_and_noise_are_not_ink():
   grey[60:180, 140:164] = 40  # The digit: a pencil stroke.
   grey[20, 20] = 0  # Specks of dust.
   grey[200:202, 250:252] = 0
-  out = predict.to_mnist(np.clip(grey, 0, 255).astype(np.uint8))
+  out = digits_lib.to_mnist(np.clip(grey, 0, 255).astype(np.uint8))
   assert bounding_box(out) == (20, 4)
 
 
@@ -171,16 +176,16 @@ def test_ground_shading_and_noise_are_not_ink():
             255).astype(np.uint8),
 ], ids=["white", "black", "noisy-white"])
 def test_a_blank_image_has_no_digit(grey):
-  with pytest.raises(predict.NoDigit):
-    predict.to_mnist(grey)
+  with pytest.raises(digits_lib.NoDigit):
+    digits_lib.to_mnist(grey)
 
 
 def test_sixteen_bit_and_float_scales_agree_with_eight_bit(test_set):
   image = np.asarray(enlarged(test_set[0][0], 84, Image.BICUBIC))
-  expected = predict.to_mnist(image)
+  expected = digits_lib.to_mnist(image)
   np.testing.assert_array_equal(
-      predict.to_mnist(image.astype(np.uint16) * 257), expected)
-  np.testing.assert_array_equal(predict.to_mnist(image / 255.0), expected)
+      digits_lib.to_mnist(image.astype(np.uint16) * 257), expected)
+  np.testing.assert_array_equal(digits_lib.to_mnist(image / 255.0), expected)
 
 
 # --------------------------------------------------------------------------
@@ -189,7 +194,7 @@ def test_sixteen_bit_and_float_scales_agree_with_eight_bit(test_set):
 
 def test_every_colour_mode_reads_as_the_same_grey(test_set, tmp_path):
   image = np.asarray(enlarged(test_set[0][0], 84, Image.BICUBIC))
-  expected = predict.to_mnist(image)
+  expected = digits_lib.to_mnist(image)
   ink = 255 - image
   rgba_black = np.zeros((*image.shape, 4), np.uint8)
   rgba_black[..., 3] = image  # Black strokes on a transparent canvas.
@@ -214,7 +219,7 @@ def test_every_colour_mode_reads_as_the_same_grey(test_set, tmp_path):
                      transparency=bytes(range(256)))
   variants["palette_alpha.png"] = palette_alpha
   for name in variants:
-    out = predict.to_mnist(predict.read_grey(str(tmp_path / name)))
+    out = digits_lib.to_mnist(digits_lib.read_grey(str(tmp_path / name)))
     limit = 40 if name == "bilevel.png" else 1  # Thresholded to 1 bit.
     assert np.abs(out.astype(int) - expected).mean() < limit, name
 
@@ -224,9 +229,9 @@ def test_transparent_margins_take_the_colour_of_the_paper():
   grey[10:30, 18:22] = 0.1
   alpha = np.zeros_like(grey)
   alpha[2:38, 2:38] = 1.0  # Opaque paper, transparent margins.
-  flat = predict.flatten_alpha(grey, alpha)
+  flat = digits_lib.flatten_alpha(grey, alpha)
   assert flat[0, 0] == pytest.approx(0.9)
-  assert bounding_box(predict.to_mnist(flat)) == (20, 4)
+  assert bounding_box(digits_lib.to_mnist(flat)) == (20, 4)
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -243,8 +248,8 @@ def test_damaged_or_empty_images_are_data_errors(tmp_path, name, content,
     content = whole[:len(whole) // 2]
   path = tmp_path / name
   path.write_bytes(content)
-  with pytest.raises(predict.DataError, match=message) as e:
-    predict.read_digits(str(path))
+  with pytest.raises(digits_lib.DataError, match=message) as e:
+    digits_lib.read_digits(str(path))
   assert str(e.value).startswith(f"{path}: ")
 
 
@@ -254,20 +259,20 @@ def test_idx_files_are_told_from_images_by_content_and_name(tmp_path):
   idx.write_idx(tmp_path / "digits", images)
   idx.write_idx(tmp_path / "labels-idx1-ubyte", np.zeros(2, np.uint8))
   (tmp_path / "digit.png").write_bytes(png_bytes(Image.new("L", (9, 9))))
-  assert predict.is_idx(str(tmp_path / "a.gz"))
-  assert predict.is_idx(str(tmp_path / "digits"))
-  assert predict.is_idx(str(tmp_path / "labels-idx1-ubyte"))
-  assert not predict.is_idx(str(tmp_path / "digit.png"))
-  with pytest.raises(predict.DataError, match=r"not uint8 images \[N, 28"):
-    predict.read_digits(str(tmp_path / "labels-idx1-ubyte"))
+  assert digits_lib.is_idx(str(tmp_path / "a.gz"))
+  assert digits_lib.is_idx(str(tmp_path / "digits"))
+  assert digits_lib.is_idx(str(tmp_path / "labels-idx1-ubyte"))
+  assert not digits_lib.is_idx(str(tmp_path / "digit.png"))
+  with pytest.raises(digits_lib.DataError, match=r"not uint8 images \[N, 28"):
+    digits_lib.read_digits(str(tmp_path / "labels-idx1-ubyte"))
 
 
 def test_preprocessed_names_are_unique():
   image = np.zeros((28, 28), np.uint8)
-  digits = [predict.Digit("a/x.png", None, image),
-            predict.Digit("b/x.jpg", None, image),
-            predict.Digit("t10k-images-idx3-ubyte.gz", 0, image),
-            predict.Digit("t10k-images-idx3-ubyte.gz", 1, image)]
+  digits = [digits_lib.Digit("a/x.png", None, image),
+            digits_lib.Digit("b/x.jpg", None, image),
+            digits_lib.Digit("t10k-images-idx3-ubyte.gz", 0, image),
+            digits_lib.Digit("t10k-images-idx3-ubyte.gz", 1, image)]
   assert list(predict.preprocessed_names(digits)) == [
       "x.png", "x-2.png", "t10k-images-idx3-ubyte-0.png",
       "t10k-images-idx3-ubyte-1.png"]
@@ -283,7 +288,6 @@ STEP = 40
 
 @pytest.fixture(scope="module")
 def model(trained_workdir):
-  from mnist_resnet import trained  # pylint: disable=g-import-not-at-top
   return trained.load(trained_workdir, STEP)
 
 
@@ -292,7 +296,7 @@ def chosen(test_set, model):
   """Four test digits of different classes that the model gets right with
   probability over 0.9, and the model's probabilities for them."""
   images, labels = test_set
-  probs = predict.probabilities(model.predict_logits(images))
+  probs = report.softmax(model.predict_logits(images))
   picked, seen = [], set()
   for i in np.flatnonzero((probs.argmax(1) == labels) & (probs.max(1) > 0.9)):
     if labels[i] not in seen:
@@ -372,7 +376,7 @@ def test_cli_saves_what_the_model_saw(cli_run, chosen):
     assert seen.shape == (28, 28) and seen.dtype == np.uint8
     if index is None:
       np.testing.assert_array_equal(
-          seen, predict.to_mnist(predict.read_grey(file)))
+          seen, digits_lib.to_mnist(digits_lib.read_grey(file)))
     else:
       np.testing.assert_array_equal(seen, chosen[0][n])
 

@@ -12,10 +12,13 @@ import textwrap
 import time
 
 import pytest
+from test_train import SMOKE
+from test_train import logged_steps
+from test_train import results
+from test_train import run_train
 
 from conftest import REPO_ROOT
-from mnist_resnet import runlock
-from test_train import SMOKE, logged_steps, results, run_train
+from mnist_resnet.workdir import runlock
 
 PREEMPTED = 75
 INTERRUPTED = 130
@@ -156,7 +159,7 @@ def test_signal_during_a_long_native_call_exits_at_once(tmp_path):
   released = tmp_path / "released"
   code = textwrap.dedent(f"""
       import hashlib, pathlib
-      from mnist_resnet import preemption
+      from mnist_resnet.training import preemption
       signals = preemption.StopSignals()
       signals.on_early_exit(pathlib.Path({str(released)!r}).touch)
       print("compiling", flush=True)
@@ -187,7 +190,7 @@ def test_second_ctrl_c_exits_at_once():
   a save in flight is a temporary directory the next start removes)."""
   code = textwrap.dedent("""
       import os, signal, time
-      from mnist_resnet import preemption
+      from mnist_resnet.training import preemption
       signals = preemption.StopSignals()
       signals.loop_started(multiprocess=False)
       os.kill(os.getpid(), signal.SIGINT)
@@ -327,7 +330,7 @@ def test_signals_ignored_at_start_stay_ignored():
       import os, signal, time
       signal.signal(signal.SIGHUP, signal.SIG_IGN)
       signal.signal(signal.SIGINT, signal.SIG_IGN)
-      from mnist_resnet import preemption
+      from mnist_resnet.training import preemption
       signals = preemption.StopSignals()
       os.kill(os.getpid(), signal.SIGHUP)
       os.kill(os.getpid(), signal.SIGINT)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_resnet import preprocess
+from mnist_resnet.model import preprocess
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 
@@ -43,7 +43,7 @@ def test_caffe_values_are_bgr_minus_mean():
 
 
 def test_caffe_matches_keras_preprocess_input():
-  from mnist_resnet.tf_host import import_keras
+  from mnist_resnet.core.tf_host import import_keras
   keras = import_keras()
   images = asymmetric_images(2)
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32)

@@ -22,11 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from mnist_resnet import keras_h5, models, preprocess, pretrained, tf_host
-from mnist_resnet.errors import ConfigError, WeightsError
-from test_keras_h5 import tiny_abstract, tiny_keras_layers, write_keras3_h5
+from test_keras_h5 import tiny_abstract
+from test_keras_h5 import tiny_keras_layers
+from test_keras_h5 import write_keras3_h5
 from test_keras_h5 import write_legacy_h5
+
+from mnist_resnet.core import tf_host
+from mnist_resnet.core.errors import ConfigError
+from mnist_resnet.core.errors import WeightsError
+from mnist_resnet.model import keras_h5
+from mnist_resnet.model import preprocess
+from mnist_resnet.model import pretrained
+from mnist_resnet.model import resnet
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYOUTS = ("legacy", "model_weights", "keras3", "keras3_unnamed", "keras_zip")
@@ -94,13 +101,13 @@ def weight_files(keras_model, tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def flax_resnet50():
-  model = models.create_model("resnet50")
+  model = resnet.create_model("resnet50")
   variables = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   features = jax.jit(lambda v, x: model.apply(
-      v, x, train=False, method=models.ResNet.features))
+      v, x, train=False, method=resnet.ResNet.features))
   train_features = jax.jit(lambda v, x: model.apply(
-      v, x, train=True, method=models.ResNet.features,
+      v, x, train=True, method=resnet.ResNet.features,
       mutable=["batch_stats"]))
   return variables, features, train_features
 
@@ -313,8 +320,8 @@ def test_imagenet_download_failure_is_one_line(monkeypatch):
 # reads KERAS_HOME once, at import). argv: the md5 of the cached file.
 _OFFLINE_CACHE_SCRIPT = """
 import json, sys
-from mnist_resnet import pretrained
-from mnist_resnet.errors import WeightsError
+from mnist_resnet.model import pretrained
+from mnist_resnet.core.errors import WeightsError
 
 def attempt():
   print("-- attempt", flush=True)
@@ -444,7 +451,7 @@ def test_require_new_directory(tmp_path):
 
 
 def tiny_variables(model=None):
-  model = model or models.create_model("resnet_tiny")
+  model = model or resnet.create_model("resnet_tiny")
   return model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)),
                     train=False)
 
@@ -467,7 +474,7 @@ def test_load_backbone_from_a_keras_file_and_a_converted_directory(tmp_path):
 
   out = tmp_path / "converted"
   converted(from_file, out)
-  other = tiny_variables(models.create_model("resnet_tiny", num_classes=3))
+  other = tiny_variables(resnet.create_model("resnet_tiny", num_classes=3))
   from_dir = pretrained.load_backbone(str(out), other, "resnet_tiny")
   jax.tree.map(np.testing.assert_array_equal,
                backbone(from_dir), backbone(from_file))
@@ -478,7 +485,7 @@ def test_load_backbone_from_a_keras_file_and_a_converted_directory(tmp_path):
 
 def test_converted_directory_of_another_model_is_refused(tmp_path):
   # One more block in stage 4: another tree of modules.
-  deeper = models.ResNet(stage_sizes=(1, 1, 2, 1), widths=(8, 16, 32, 64),
+  deeper = resnet.ResNet(stage_sizes=(1, 1, 2, 1), widths=(8, 16, 32, 64),
                          stem_width=16)
   converted(tiny_variables(deeper), tmp_path / "deeper")
   with pytest.raises(WeightsError) as info:

@@ -12,14 +12,14 @@ import sys
 import textwrap
 import zlib
 
+from etils import epath
 import jax.numpy as jnp
 import pytest
-from etils import epath
+from test_train import tensorboard_scalars
 
 from conftest import REPO_ROOT
-from mnist_resnet import reporting
-from mnist_resnet import tb_events
-from test_train import tensorboard_scalars
+from mnist_resnet.training import reporting
+from mnist_resnet.training import tb_events
 
 
 def tiny_png(height: int, width: int) -> bytes:
@@ -130,7 +130,7 @@ def test_importing_writes_without_tensorflow(tmp_path):
             raise ImportError("blocked: " + name)
       sys.meta_path.insert(0, Block())
       from etils import epath
-      from mnist_resnet import tb_events
+      from mnist_resnet.training import tb_events
       w = tb_events.EventWriter(epath.Path({str(tmp_path)!r}))
       w.scalars(7, {{"loss": 0.5}})
       w.image(7, "img", b"not-a-png", height=1, width=1)

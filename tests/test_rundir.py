@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
 from configs import smoke
-from mnist_resnet import rundir
-from mnist_resnet.rundir import RunDirError
+from conftest import REPO_ROOT
+from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir.rundir import RunDirError
 
 
 def test_results_are_strict_json(tmp_path):
@@ -104,3 +104,43 @@ def test_checkpoints_path_that_is_a_file_is_refused_at_start(tmp_path):
       f"error: {workdir}/checkpoints is a file, not a directory; move it "
       "away"), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+# The keys of the first configs/default.py: a workdir may hold a config.json
+# with exactly these. Every later key must be in rundir.ADDED_KEYS.
+FIRST_KEYS = frozenset("""
+aug_max_rotation aug_max_scale aug_max_shift backbone_lr_multiplier
+batch_size bn_momentum checkpoint_every_steps data_dir download dropout_rate
+dtype ema_decay eval_batch_size eval_every_steps grad_clip_norm hidden_units
+image_size init input_convention label_smoothing learning_rate
+log_every_steps max_checkpoints_to_keep model momentum nesterov num_epochs
+num_train_steps optimizer pretrained_weights profile_steps seed trainable
+warmup_steps weight_decay zero_init_residual""".split())
+
+
+def test_every_key_added_since_the_first_config_has_its_old_value():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  keys = set(default.get_config().keys())
+  unclassified = keys - FIRST_KEYS - set(rundir.ADDED_KEYS)
+  assert not unclassified, (
+      f"{sorted(unclassified)}: add each to rundir.ADDED_KEYS with the value "
+      "that reproduces how runs behaved before the key existed")
+  assert set(rundir.ADDED_KEYS) <= keys
+
+
+def test_a_config_json_older_than_a_key_resumes_and_loads(tmp_path):
+  """A config.json written before the newer keys existed: the same run
+  resumes (those keys read as their old values), and the tools read it."""
+  from mnist_resnet.training import trained  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  old = {k: v for k, v in config.to_dict().items() if k in FIRST_KEYS}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  for key, value in rundir.ADDED_KEYS.items():
+    config[key] = value
+  rundir.check_resume_config(tmp_path, config.to_dict())
+  loaded = trained.read_config(tmp_path)
+  assert loaded.validation_examples == 0 and loaded.input_pipeline == "tfdata"
+  assert loaded.hidden_units == tuple(config.hidden_units)
+  config.validation_examples = 100  # Not the old behaviour: refused.
+  with pytest.raises(RunDirError, match="validation_examples 0 -> 100"):
+    rundir.check_resume_config(tmp_path, config.to_dict())

@@ -15,8 +15,9 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from mnist_resnet import runlock
-from mnist_resnet.rundir import RunDirError
+from mnist_resnet.workdir import lease
+from mnist_resnet.workdir import runlock
+from mnist_resnet.workdir.rundir import RunDirError
 
 LEASE = 3.0  # seconds; the default (60) would make every test wait a minute
 HOST = socket.gethostname()
@@ -25,8 +26,8 @@ HOST = socket.gethostname()
 # it exits 3 with the reason once it has lost the lock.
 HOLDER = """
 import sys, time
-from mnist_resnet import runlock
-from mnist_resnet.rundir import RunDirError
+from mnist_resnet.workdir import runlock
+from mnist_resnet.workdir.rundir import RunDirError
 lock = runlock.acquire(sys.argv[1], lease_seconds=float(sys.argv[2]))
 print("held", flush=True)
 while True:
@@ -146,7 +147,7 @@ def test_local_unusable_workdir_is_one_line(tmp_path):
 def test_gcs_workdir_without_the_client_libraries_is_one_line(monkeypatch):
   """Local runs need no Google Cloud libraries (accelerator images often
   lack them); a gs:// workdir says which package it needs."""
-  monkeypatch.setattr(runlock, "google_errors", None)
+  monkeypatch.setattr(lease, "google_errors", None)
   with pytest.raises(RunDirError, match=r"^gs://bucket/run: a gs:// workdir "
                      r"needs google-cloud-storage"):
     runlock.acquire("gs://bucket/run")
@@ -226,12 +227,12 @@ def test_gcs_racing_starters_one_wins(gcs_bucket, monkeypatch):
   workdir = f"{gcs_bucket}/run"
   first = runlock.acquire(workdir, lease_seconds=LEASE)
   stale_views = [None]  # "lock.json absent", as read before `first` wrote
-  real_read = runlock._Lease._read  # pylint: disable=protected-access
+  real_read = lease.Lease._read  # pylint: disable=protected-access
 
   def read(self):
     return stale_views.pop() if stale_views else real_read(self)
 
-  monkeypatch.setattr(runlock._Lease, "_read", read)  # pylint: disable=protected-access
+  monkeypatch.setattr(lease.Lease, "_read", read)  # pylint: disable=protected-access
   assert f"pid {os.getpid()}" in refusal(workdir, lease_seconds=LEASE)[0]
   first.check()
   first.release()

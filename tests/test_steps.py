@@ -8,9 +8,9 @@ import numpy as np
 import optax
 
 from configs import smoke
-from mnist_resnet import parallel
-from mnist_resnet import steps
-from mnist_resnet import train
+from mnist_resnet.core import parallel
+from mnist_resnet.training import program as program_lib
+from mnist_resnet.training import steps
 
 
 def test_ema_warms_up_then_reaches_its_decay():
@@ -23,7 +23,7 @@ def test_ema_is_updated_from_both_params_and_batch_stats():
   config = smoke.get_config()
   config.ema_decay = 0.9
   config.batch_size = 8
-  program = train.build_program(config, 1000)
+  program = program_lib.build_program(config, 1000)
   state = program.initial_state()
   before = jax.device_get(state)
   rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def test_label_smoothing_reaches_the_loss():
     config.aug_max_shift = 0
     config.aug_max_rotation = 0.0
     config.aug_max_scale = 0.0
-    program = train.build_program(config, 1000)
+    program = program_lib.build_program(config, 1000)
     if host_state is None:
       # The same initial state serves both programs (only the loss differs);
       # initialising once saves a compilation.

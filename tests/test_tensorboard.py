@@ -18,12 +18,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import pytest
 from PIL import Image
+import pytest
 
-from mnist_resnet import evaluate
-from mnist_resnet import pictures
-from mnist_resnet import reporting
+from mnist_resnet.training import pictures
+from mnist_resnet.training import report
+from mnist_resnet.training import reporting
 
 # What metrics.jsonl and TensorBoard must agree on.
 SCALARS = ("train_loss", "train_accuracy", "learning_rate", "test_accuracy",
@@ -145,7 +145,7 @@ def board(board_run, tmp_path_factory) -> str:
         scalars = get_json(base, "/data/plugin/scalars/tags")
         images = get_json(base, "/data/plugin/images/tags")
         if ("train_loss" in scalars.get(".", {}) and
-            evaluate.CONFUSION_TAG in images.get(".", {})):
+            report.CONFUSION_TAG in images.get(".", {})):
           break
       except (urllib.error.URLError, ConnectionError, ValueError):
         pass  # Not listening yet, or still loading the run.
@@ -193,9 +193,9 @@ def test_tensorboard_serves_the_runs_scalars(board, board_run):
 def test_tensorboard_serves_the_confusion_picture(board, board_run):
   _, png = board_run
   tags = get_json(board, "/data/plugin/images/tags")["."]
-  assert tags[evaluate.CONFUSION_TAG]["samples"] == 1
+  assert tags[report.CONFUSION_TAG]["samples"] == 1
   (entry,) = get_json(board, "/data/plugin/images/images", run=".",
-                      tag=evaluate.CONFUSION_TAG, sample="0")
+                      tag=report.CONFUSION_TAG, sample="0")
   assert entry["step"] == 60
   served = get(board, "/data/plugin/images/individualImage?" +
                entry["query"])

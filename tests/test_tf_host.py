@@ -1,4 +1,4 @@
-"""Tests for mnist_resnet.tf_host: TensorFlow never gets the GPUs.
+"""Tests for mnist_resnet.core.tf_host: TensorFlow never gets the GPUs.
 
 On a machine without GPUs TensorFlow sees none whatever tf_host does, so
 these tests watch the call that hides them instead.
@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 
-from mnist_resnet import tf_host
+from mnist_resnet.core import tf_host
 
 
 @pytest.fixture

@@ -89,7 +89,8 @@ def test_accuracy_guard(mnist_dir, tmp_path):
   accuracy, and what results.json, metrics.jsonl and TensorBoard say about
   a whole run."""
   from configs import guard
-  from mnist_resnet import mnist, optim
+  from mnist_resnet.data import mnist
+  from mnist_resnet.training import optim
   config = guard.get_config()
   run_train(tmp_path, f"--config.data_dir={mnist_dir}", config=GUARD)
   r = results(tmp_path)
@@ -190,9 +191,8 @@ def train_losses(workdir) -> list[float]:
 def assert_same_training(workdir_a, workdir_b, mnist_dir):
   """Same per-step losses, test accuracy (to rounding) and parameter
   updates (to 1e-2; a wrong global batch changes them by O(1))."""
-  from mnist_resnet import checkpoint as checkpoint_lib
-  from mnist_resnet import train
   from configs import smoke
+  from mnist_resnet.training import checkpoint as checkpoint_lib
   a, b = results(workdir_a), results(workdir_b)
   np.testing.assert_allclose(train_losses(workdir_b), train_losses(workdir_a),
                              rtol=1e-3)
@@ -209,7 +209,8 @@ def assert_same_training(workdir_a, workdir_b, mnist_dir):
     key, value = arg[len("--config."):].split("=")
     config[key] = type(config[key])(
         value if not isinstance(config[key], bool) else value == "true")
-  trainer = train.build_program(config, 60000)
+  from mnist_resnet.training import program as program_lib
+  trainer = program_lib.build_program(config, 60000)
   start = jax.device_get(trainer.initial_state().params)
   final = []
   for workdir in (workdir_a, workdir_b):
@@ -360,9 +361,9 @@ def test_best_checkpoint_is_chosen_on_held_out_validation(mnist_dir,
 
 
 def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
-  from mnist_resnet import checkpoint as checkpoint_lib
-  from mnist_resnet import train
   from configs import frozen_backbone
+  from mnist_resnet.training import checkpoint as checkpoint_lib
+  from mnist_resnet.training import train
 
   config = frozen_backbone.get_config()
   config.model = "resnet_tiny"
@@ -375,7 +376,8 @@ def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
   config.checkpoint_every_steps = 100
   train.train_and_evaluate(config, str(tmp_path))
 
-  trainer = train.build_program(config, 60000)
+  from mnist_resnet.training import program as program_lib
+  trainer = program_lib.build_program(config, 60000)
   before = jax.device_get(trainer.initial_state())
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"),
                                      max_to_keep=1)
@@ -434,7 +436,7 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def keras_weights(tmp_path_factory):
   """A randomly initialised Keras ResNet50 (notop) saved as .weights.h5."""
-  from mnist_resnet import tf_host
+  from mnist_resnet.core import tf_host
   keras = tf_host.import_keras()
   model = keras.applications.ResNet50(weights=None, include_top=False,
                                       pooling="avg", input_shape=(32, 32, 3))
@@ -454,8 +456,8 @@ def _default_config(weights, data_dir="unused"):
 @pytest.mark.slow
 def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
                                                             tmp_path):
-  from mnist_resnet import pretrained
-  from mnist_resnet import train
+  from mnist_resnet.model import pretrained
+  from mnist_resnet.training import program as program_lib
   path, keras_values = keras_weights
   kernel = keras_values["conv1_conv/kernel"]
   moving_var = keras_values["conv5_block3_3_bn/moving_variance"]
@@ -464,7 +466,7 @@ def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
     weights = pretrained.resolve_weights(config.pretrained_weights,
                                          config.model)
     state = jax.device_get(
-        train.build_program(config, 60000).initial_state(weights))
+        program_lib.build_program(config, 60000).initial_state(weights))
     backbone = state.params["backbone"]
     np.testing.assert_array_equal(backbone["conv1_conv"]["kernel"], kernel)
     np.testing.assert_array_equal(
@@ -485,8 +487,7 @@ def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
   """Three steps of the main job from a Keras file: the whole network
   trains (backbone and head move) and the BatchNorm statistics follow
   MNIST's."""
-  from mnist_resnet import checkpoint as checkpoint_lib
-  from mnist_resnet import train
+  from mnist_resnet.training import checkpoint as checkpoint_lib
   path, keras_values = keras_weights
   args = (f"--config.pretrained_weights={path}", "--config.batch_size=32",
           "--config.num_train_steps=3", "--config.log_every_steps=1",
@@ -500,7 +501,8 @@ def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
 
   config = _default_config(path, mnist_dir)
   config.batch_size, config.num_train_steps = 32, 3
-  program = train.build_program(config, 60000)
+  from mnist_resnet.training import program as program_lib
+  program = program_lib.build_program(config, 60000)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"),
                                      max_to_keep=3)
   state = jax.device_get(ckpt.restore(3, program.abstract_state()))
@@ -588,9 +590,10 @@ def flat(tree):
 
 
 def test_zero_init_residual_scales_are_zero_only_where_chosen():
-  from mnist_resnet import train
+  from mnist_resnet.training import program as program_lib
   for zero in (True, False):
-    program = train.build_program(tiny_config(zero_init_residual=zero), 1000)
+    program = program_lib.build_program(
+        tiny_config(zero_init_residual=zero), 1000)
     params = flat(jax.device_get(program.initial_state().params["backbone"]))
     last = {k: v for k, v in params.items() if "_3_bn']['scale" in k}
     others = {k: v for k, v in params.items()

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from mnist_resnet import validation
-from mnist_resnet.errors import ConfigError
+from mnist_resnet.core.errors import ConfigError
+from mnist_resnet.training import validation
 
 SHIPPED = ("default", "scratch", "smoke", "guard", "frozen_backbone", "gpu",
            "tpu")
@@ -97,6 +97,7 @@ def test_seed_limit_is_where_jax_keys_start_to_repeat():
 def _cli_train(tmp_path, *overrides):
   import subprocess
   import sys
+
   from conftest import REPO_ROOT
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   # data_dir is absent: a config error must come before the data is read.
@@ -131,7 +132,8 @@ def test_cli_config_errors_are_one_line_before_the_data(tmp_path, override,
 
 
 def _splits(tmp_path, train: int = 40, test: int = 12):
-  from mnist_resnet import idx, mnist
+  from mnist_resnet.data import idx
+  from mnist_resnet.data import mnist
   rng = np.random.default_rng(0)
   for split, n in (("train", train), ("test", test)):
     images, labels = mnist.SPLIT_FILES[split]
@@ -147,7 +149,7 @@ def _splits(tmp_path, train: int = 40, test: int = 12):
     (0, 12, "train-images-idx3-ubyte.gz: the train split holds 0 images"),
 ])
 def test_empty_split_names_its_file(tmp_path, train, test, culprit):
-  from mnist_resnet.errors import DataError
+  from mnist_resnet.core.errors import DataError
   splits = _splits(tmp_path, train, test)
   with pytest.raises(DataError) as e:
     validation.validate_splits(_smoke(data_dir=str(tmp_path), batch_size=8),
@@ -210,6 +212,7 @@ def test_batch_larger_than_the_data():
 def test_readme_config_table_lists_every_config():
   """The README's table of configs names exactly the files in configs/."""
   import re
+
   from conftest import REPO_ROOT
   readme = (REPO_ROOT / "README.md").read_text()
   table = readme[readme.index("| config | what it is |"):]

@@ -1,0 +1,134 @@
+"""Evaluates a trained model on the MNIST test set: numbers and pictures.
+
+    python -m mnist_resnet.evaluate --workdir=DIR [--step=latest|best|N] \\
+        [--data_dir=DIR] [--download] [--out=DIR]
+
+Restores one checkpoint of the run in DIR onto the devices present
+(`trained.load`), predicts every one of the 10,000 test digits once and
+writes into --out:
+
+    eval.json      step, accuracy, loss, per-class accuracy, confusion
+                   matrix, most frequent confusions, calibration
+    confusion.png  the confusion matrix: counts and row-normalised
+    errors.png     the misclassified digits, most confident mistakes first
+    curves.png     loss, accuracy and learning rate against step, from the
+                   run's metrics.jsonl (skipped, with a warning, without one)
+
+--out defaults to DIR/eval_<step>: each evaluated checkpoint keeps its own
+report (evaluating step 20 does not overwrite the best one's), and a second
+evaluation of the same checkpoint (--step=best and --step=latest may name
+the same one) rewrites the same files with the same content. The run's own
+files are left untouched, so a run may still be training in DIR.
+--data_dir defaults to the run's config.data_dir; nothing is downloaded
+unless --download is given.
+
+Numbers (`metrics_from_logits`): `loss` is the mean softmax cross-entropy
+of the logits (no label smoothing), `accuracy` counts the arg-max. The
+confusion matrix has the true class in rows and the predicted class in
+columns. `expected_calibration_error` is the standard ECE (Guo et al., 2017)
+over ECE_BINS = 15 equal-width bins of the confidence (the top softmax
+probability), bin m holding confidences in ((m-1)/15, m/15]: the sum over
+bins of (examples in bin / examples) * |accuracy in bin - mean confidence in
+bin|. `calibration_bins` lists those bins.
+
+A user error (missing workdir or data, no checkpoint, a bad --step) is one
+`error: ...` line on stderr and exit code 2. TensorFlow is never imported.
+
+A training run calls `report` at its end, with the model and split it
+already holds; `report` returns the record and confusion.png's bytes, for
+TensorBoard (`reporting.Reporter.image`, tag CONFUSION_TAG).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import flags
+from absl import logging
+from etils import epath
+
+from mnist_resnet.core import cli
+from mnist_resnet.core.errors import DataError
+from mnist_resnet.data import mnist
+from mnist_resnet.training import report as report_lib
+from mnist_resnet.training import trained as trained_lib
+from mnist_resnet.workdir import rundir
+
+
+def default_out_dir(workdir: str | os.PathLike, step: int) -> epath.Path:
+  """WORKDIR/eval_<step>: one report per evaluated checkpoint."""
+  return rundir.workdir_path(workdir) / f"eval_{step}"
+
+
+def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
+             download: bool = False, out: str | None = None
+             ) -> tuple[report_lib.Report, epath.Path]:
+  """What the command does, as a function: the report and where it went
+  (raises MnistResnetError)."""
+  # The config and the data files first: a missing one is reported before
+  # anything is restored or compiled.
+  config = trained_lib.read_config(workdir)
+  data_dir = data_dir or config.get("data_dir", "")
+  if not data_dir:
+    raise DataError(f"{rundir.config_path(workdir)} names no data_dir: pass "
+                    "--data_dir")
+  paths = mnist.locate_files(data_dir, download=download,
+                             download_hint="pass --data_dir or --download")
+  model = trained_lib.load(workdir, step)
+  test = mnist.load_mnist(data_dir, check_md5=False)["test"]
+  _warn_if_not_official({name: paths[name] for name in (
+      mnist.TEST_IMAGES, mnist.TEST_LABELS)})
+  out_dir = rundir.workdir_path(out) if out else default_out_dir(
+      workdir, model.step)
+  return report_lib.report(model, test, out_dir), out_dir
+
+
+def _warn_if_not_official(paths: dict[str, Any]) -> None:
+  # Numbers on another test set compare with no one's; the training split
+  # (a rebuilt copy is legitimate there) plays no part here.
+  for name, (md5, official) in mnist.checksum_details(paths).items():
+    if official is False:
+      logging.warning("%s: md5 %s is not that of the official MNIST file: "
+                      "these numbers are not comparable with published ones",
+                      paths[name], md5)
+
+
+def _define_flags() -> None:
+  # Only when run as a program: train.py defines --workdir too, and may
+  # import this module for `report`.
+  flags.DEFINE_string("workdir", None, "The training run's directory (or "
+                      "gs://BUCKET/PATH).")
+  flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, "
+                      "best (by validation accuracy) or a step number.")
+  flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files "
+                      "(default: the run's config.data_dir).")
+  flags.DEFINE_bool("download", False, "Fetch missing MNIST files from the "
+                    "mirrors first.")
+  flags.DEFINE_string("out", None, "Where the report goes (default: "
+                      "WORKDIR/eval_<step>).")
+  flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  with cli.user_errors():
+    result, out_dir = evaluate(f.workdir, f.step, data_dir=f.data_dir,
+                               download=f.download, out=f.out)
+  r = result.record
+  print(f"step {r['step']}: accuracy {r['accuracy']:.4f} ({r['errors']} "
+        f"errors in {r['eval_examples']}), loss {r['loss']:.4f}, "
+        f"ECE {r['expected_calibration_error']:.4f}; wrote {out_dir}",
+        flush=True)
+
+
+def run() -> None:
+  """The command, as `python -m` runs it."""
+  _define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

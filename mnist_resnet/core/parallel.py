@@ -1,0 +1,132 @@
+"""Data parallelism: one mesh over every device of every process.
+
+The batch is sharded along the mesh's single 'data' axis; parameters, batch
+statistics and optimizer state are replicated. Under `jax.jit` a reduction over
+the batch (BatchNorm's mean, the loss) is already a reduction over the global
+batch, so the model needs no axis names and the same code serves one CPU, a
+GPU host or a TPU pod.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import Mapping
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = "data"
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over all devices (of all processes), axis 'data'.
+
+  Auto axis types: sharding is propagated by the compiler from the shardings
+  given to `jax.jit`, which keeps the model code free of sharding annotations.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(AxisType.Auto,))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the 'data' axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray],
+                 mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice of the batch into one global array.
+
+  Every process passes the rows it read from its own input shard; the global
+  batch is their concatenation in process order, whatever the process count.
+  """
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(
+      sharding, value, global_shape(value.shape))
+          for name, value in local.items()}
+
+
+def global_shape(local_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the global batch whose per-process rows have `local_shape`."""
+  return (local_shape[0] * jax.process_count(),) + tuple(local_shape[1:])
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places a host pytree on every device (same value in every process)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+# --------------------------------------------------------------------------
+# Start-up: before anything touches a device.
+
+# XLA:GPU's switch for reproducible runs: ops without a deterministic
+# implementation (atomics-based scatter and reductions) are replaced, and
+# kernels are no longer chosen by timing them (autotuning picks by the
+# clock, so two runs can pick kernels that round differently). CPU and TPU
+# ignore it.
+DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true",)
+
+
+def request_deterministic_ops(enabled: bool) -> None:
+  """Adds the deterministic GPU flags to XLA_FLAGS when `enabled`. XLA reads
+  XLA_FLAGS once, when the first backend starts: call before that."""
+  if not enabled:
+    return
+  import os  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  missing = [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags]
+  os.environ["XLA_FLAGS"] = " ".join(flags + missing)
+
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def on_cloud_tpu() -> bool:
+  """True on a Cloud TPU VM (libtpu installed and TPU chips attached).
+
+  Looked up without starting a JAX backend, which must not happen before
+  `jax.distributed.initialize`.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize_distributed(*, enabled: bool, coordinator_address: str = "",
+                           num_processes: int = -1,
+                           process_id: int = -1) -> bool:
+  """Joins the processes of a multi-host run; returns whether it did.
+
+  Runs when `enabled`, and always on Cloud TPU (where JAX finds every value
+  itself). Each value comes from its argument when set, else from the
+  environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID),
+  else from JAX's cluster detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
+  Must run before anything touches a JAX device.
+  """
+  if not (enabled or on_cloud_tpu()):
+    return False
+  import os  # pylint: disable=g-import-not-at-top
+  address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  count = num_processes if num_processes >= 0 else int(
+      os.environ.get(ENV_NUM_PROCESSES, -1))
+  index = process_id if process_id >= 0 else int(
+      os.environ.get(ENV_PROCESS_ID, -1))
+  # Several processes on CPU devices talk through gloo (also how the
+  # multi-process code is tested on one machine); no effect on GPU/TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=address,
+      num_processes=count if count > 0 else None,
+      process_id=index if index >= 0 else None)
+  return True

@@ -1,0 +1,218 @@
+"""The training loop: steps start + 1 .. total, with periodic evaluation,
+asynchronous checkpoints, metrics fetched one logged step late, and stop
+signals. A checkpoint is only good once the loss computed from its
+parameters is known finite (the next step's train loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from mnist_resnet.core import parallel
+from mnist_resnet.core.errors import Diverged
+from mnist_resnet.core.errors import Preempted
+from mnist_resnet.core.errors import TrainingError
+from mnist_resnet.data import input_pipeline
+from mnist_resnet.data import mnist
+from mnist_resnet.data import order
+from mnist_resnet.training import checkpoint as checkpoint_lib
+from mnist_resnet.training import evaluator as evaluator_lib
+from mnist_resnet.training import preemption
+from mnist_resnet.training import program as program_lib
+from mnist_resnet.training import reporting
+from mnist_resnet.training import steps
+from mnist_resnet.workdir import rundir
+
+# Called right after each train step is dispatched, metrics still on device.
+StepObserver = Callable[[int, Mapping[str, jax.Array]], None]
+
+
+def eval_period(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """Steps between evaluations; 0 means only at the end."""
+  if config.eval_every_steps == -1:
+    return order.steps_per_epoch(num_examples, config.batch_size)
+  return int(config.eval_every_steps)
+
+
+@dataclasses.dataclass
+class LoopEnd:
+  """What the loop hands to the results."""
+  state: steps.TrainState
+  eval_results: dict[str, Any]
+  train_totals: dict[str, Any]
+  final_train_loss: float
+  test_logits: np.ndarray  # The final evaluation's, for the report.
+
+
+def create_evaluators(config: ml_collections.ConfigDict,
+                      program: program_lib.Program,
+                      splits: Mapping[str, mnist.Split]
+                      ) -> list[evaluator_lib.Evaluator]:
+  """The test set's evaluator, then the validation split's if held out."""
+  return [evaluator_lib.Evaluator(
+      program.model, program.model_input, splits[name],
+      batch_size=config.eval_batch_size, mesh=program.mesh, name=name,
+      pipeline=config.input_pipeline)
+          for name in ("test", "validation") if name in splits]
+
+
+def evaluate(evaluators: list[evaluator_lib.Evaluator],
+             state: steps.TrainState, step: int) -> dict[str, Any]:
+  """Every evaluator's results; a non-finite loss means a diverged state."""
+  results = {}
+  for e in evaluators:
+    results.update(e(state))
+  losses = {k: v for k, v in results.items() if k.endswith("_loss")}
+  if not all(np.isfinite(v) for v in losses.values()):
+    raise Diverged(f"non-finite evaluation loss at step {step} ({losses})",
+                   step + 1)
+  return results
+
+
+def _eval_scalars(results: Mapping[str, Any]) -> dict[str, float]:
+  return {k: v for k, v in results.items()
+          if k.endswith(("_accuracy", "_loss")) and not k.startswith("per_")}
+
+
+def set_aside_diverged(ckpt: checkpoint_lib.Checkpointer, e: Diverged,
+                       workdir: str) -> TrainingError:
+  """The error to end a diverged run with, once the checkpoint of the state
+  that diverged (step e.step - 1), if saved, is moved aside."""
+  bad = e.step - 1
+  ckpt.wait_until_finished()
+  said = f"{e}; the state of step {bad} is not good"
+  if bad in ckpt.all_steps():
+    moved = ckpt.set_aside(bad, rundir.set_aside_dir(workdir), "diverged")
+    said += f" (its checkpoint is now {moved})"
+  latest = ckpt.latest_step()
+  said += (f"; the latest checkpoint, step {latest}, is good"
+           if latest is not None else "; no checkpoint is left")
+  return TrainingError(said + "; lower the learning rate or clip gradients")
+
+
+def train_inputs(config: ml_collections.ConfigDict,
+                 program: program_lib.Program,
+                 train: mnist.Split, start: int, total: int) -> Iterator[Any]:
+  """The train step's second argument for steps start + 1 .. total.
+
+  tfdata: the global batch, assembled from this process's rows. device: the
+  dataset on the devices and the epoch's permutation; the step gathers the
+  batch itself.
+  """
+  mesh = program.mesh
+  if config.input_pipeline == "device":
+    return input_pipeline.device_train_inputs(
+        input_pipeline.to_devices(train, mesh),
+        global_batch_size=config.batch_size,
+        seed=config.seed, start_step=start, mesh=mesh)
+  local = input_pipeline.train_dataset(
+      train, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start, num_steps=total - start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count()).as_numpy_iterator()
+  return (parallel.global_batch(batch, mesh) for batch in local)
+
+
+def save_checkpoint(ckpt: checkpoint_lib.Checkpointer,
+                    config: ml_collections.ConfigDict, step: int,
+                    state: steps.TrainState,
+                    eval_results: Mapping[str, Any] | None) -> None:
+  """Starts the save of `state`, with the run's config in its meta and,
+  when a best checkpoint is kept, the validation accuracy it is chosen by."""
+  metrics = None
+  if ckpt.keep_best and eval_results is not None:
+    metrics = {checkpoint_lib.BEST_METRIC:
+               eval_results[checkpoint_lib.BEST_METRIC]}
+  meta = {"config": config.to_dict(), "devices": jax.device_count(),
+          "processes": jax.process_count(), "step": step}
+  ckpt.save(step, state, meta=meta, metrics=metrics)
+
+
+def train_loop(config: ml_collections.ConfigDict, workdir: str,
+               program: program_lib.Program, state: steps.TrainState,
+               start: int,
+               splits: Mapping[str, mnist.Split],
+               evaluators: list[evaluator_lib.Evaluator],
+               ckpt: checkpoint_lib.Checkpointer,
+               reporter: reporting.Reporter,
+               signals: preemption.StopSignals,
+               check_lock: Callable[[], None],
+               on_step: StepObserver | None) -> LoopEnd:
+  """Steps start + 1 .. total: train, log, evaluate, checkpoint, stop on a
+  signal.
+
+  A checkpoint is only good once the loss computed from its parameters is
+  known finite: that is the next step's train loss, fetched right after the
+  step following each save; a non-finite one sets the checkpoint aside.
+  """
+  total = program.total_steps
+  period = eval_period(config, len(splits["train"].labels))
+  inputs = train_inputs(config, program, splits["train"], start, total)
+  log = reporting.TrainLog(reporter, batch_size=config.batch_size,
+                           log_every=config.log_every_steps,
+                           total_steps=total, start_step=start)
+  profile = reporting.ProfileWindow(
+      rundir.profile_dir(workdir), num_steps=config.profile_steps,
+      start_step=start, total_steps=total)
+
+  def save(step, eval_results):
+    check_lock()  # Never write over a run that took the workdir over.
+    save_checkpoint(ckpt, config, step, state, eval_results)
+    reporter.flush()
+
+  eval_results = None
+  verify_step = start + 1  # The loss of the state we start from.
+  signals.loop_started(multiprocess=jax.process_count() > 1)
+  try:
+    for step in range(start + 1, total + 1):
+      profile.before_step(step)
+      state, metrics = program.train_step(state, next(inputs))
+      log.dispatched(step, metrics)
+      profile.after_step(step, state)
+      if on_step is not None:
+        on_step(step, metrics)
+      if step == verify_step:
+        log.flush(step)
+
+      do_eval = step == total or (period and step % period == 0)
+      # With a best checkpoint to keep, every evaluation is saved.
+      do_ckpt = (step == total or step % config.checkpoint_every_steps == 0
+                 or (ckpt.keep_best and do_eval))
+      if do_eval or do_ckpt:
+        log.flush(step)   # Never save a state whose own step diverged.
+      if do_eval:
+        with log.paused():
+          eval_results = evaluate(evaluators, state, step)
+        reporter.scalars(step, _eval_scalars(eval_results))
+      if do_ckpt:
+        save(step, eval_results if do_eval else None)
+        verify_step = step + 1
+      signum = signals.stop_requested(step, ckpt.reached_preemption)
+      if step < total and signum is not None:
+        if not do_ckpt:
+          log.flush(step)
+          save(step, None)
+        ckpt.wait_until_finished()
+        raise Preempted(step, signum)
+    jax.block_until_ready(state)
+    totals = log.totals()
+    if eval_results is None:  # Nothing left to train: resumed at the end.
+      eval_results = evaluate(evaluators, state, total)
+    test_logits = evaluators[0].logits_of_last_call()
+    ckpt.wait_until_finished()
+  except Diverged as e:
+    raise set_aside_diverged(ckpt, e, workdir) from None
+  finally:
+    profile.close()
+    reporter.flush()
+  return LoopEnd(state=state, eval_results=eval_results, train_totals=totals,
+                 final_train_loss=log.last_train_loss,
+                 test_logits=test_logits)

@@ -1,0 +1,69 @@
+"""One live run per workdir: `workdir/lock.json`.
+
+    lock = runlock.acquire(workdir)   # RunDirError naming the holder if taken
+    lock.check()                      # at checkpoints: RunDirError if lost
+    lock.release()                    # idempotent; `with acquire(w):` too
+
+Only process 0 of a multi-host run takes it: one lock per run.
+
+Local directories: `fcntl.flock` on lock.json, held open for the whole run.
+The kernel drops the lock when the process dies, however it dies, so a restart
+after SIGKILL never waits. The holder's host, pid and start time are written
+into the file once the lock is held, for the message of a refused run.
+
+Cloud Storage (gs://): a lease in lock.json, renewed while the run lives
+(lease.py). A restart after SIGKILL (or a lost VM) may wait out one lease.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from absl import logging
+
+from mnist_resnet.workdir import flock
+from mnist_resnet.workdir import lease
+from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir.lock_holder import Lock
+from mnist_resnet.workdir.rundir import RunDirError
+
+# Seconds a Cloud Storage lease lasts without renewal: the longest a restart
+# after a killed run waits. MNIST_RESNET_LOCK_LEASE_SECONDS overrides it.
+LEASE_SECONDS = 60.0
+LEASE_ENV = "MNIST_RESNET_LOCK_LEASE_SECONDS"
+
+
+def acquire(workdir: str | os.PathLike, *,
+            lease_seconds: float | None = None) -> Lock:
+  """Takes the workdir's lock or raises RunDirError naming the holder."""
+  text = os.fspath(workdir)
+  if not rundir.is_remote(text):
+    return flock.FileLock.acquire(os.fspath(rundir.workdir_path(text)))
+  if text.startswith("gs://"):
+    if lease.google_errors is None:
+      raise RunDirError(f"{text}: a gs:// workdir needs google-cloud-storage "
+                        "(pip install -r requirements.txt)")
+    seconds = lease_seconds if lease_seconds is not None else lease_from_env()
+    return lease.Lease.acquire(text.rstrip("/"), _checked_lease(seconds))
+  logging.warning("no run lock for %s (only local and gs:// workdirs have "
+                  "one): nothing stops a second run on it", text)
+  return Lock()
+
+
+def lease_from_env() -> float:
+  value = os.environ.get(LEASE_ENV)
+  if not value:
+    return LEASE_SECONDS
+  try:
+    return _checked_lease(float(value))
+  except ValueError:
+    raise RunDirError(f"{LEASE_ENV}={value!r} is not a number of "
+                      "seconds") from None
+
+
+def _checked_lease(seconds: float) -> float:
+  if not (math.isfinite(seconds) and seconds >= 1):
+    raise RunDirError(f"the lock lease must be at least 1 s, not {seconds} "
+                      f"({LEASE_ENV})")
+  return float(seconds)
