@@ -43,6 +43,7 @@ def main(argv):
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from mnist_resnet.core import parallel
   from mnist_resnet.core.errors import Preempted
+  from mnist_resnet.core.errors import exit_code_of_signal
   from mnist_resnet.training import compile_cache
   from mnist_resnet.training import train
   config = cli.config_value(_CONFIG)
@@ -61,7 +62,7 @@ def main(argv):
       train.train_and_evaluate(config, _WORKDIR.value, signals=SIGNALS)
   except Preempted as e:
     logging.warning("%s", e)
-    sys.exit(preemption.exit_code(e.signum))
+    sys.exit(exit_code_of_signal(e.signum))
 
 
 if __name__ == "__main__":

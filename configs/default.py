@@ -144,13 +144,13 @@ def get_config() -> ml_collections.ConfigDict:
   # location that cannot be written is a warning, never an error.
   c.compilation_cache_dir = "{workdir}/compilation_cache"
   # GPUs only: deterministic XLA ops and no kernel autotuning, so a run and
-  # its resume repeat bit for bit (CPU and TPU always do; README,
+  # its resume repeat bit for bit (CPU and TPU always do; docs/training.md,
   # Determinism). Costs step time and compile time.
   c.deterministic = False
   # Run 1x1 convolutions, and those whose kernel is larger than the map, as
-  # matrix products (models.conv_as_dot): auto (on the backends where that
-  # was measured faster, docs/benchmarking.md) | always | never. Same
-  # parameters and sums, so a resume may change it.
+  # matrix products (conv_as_dot in model/resnet.py): auto (on the backends
+  # where that was measured faster, docs/benchmarking.md) | always | never.
+  # Same parameters and sums, so a resume may change it.
   c.conv_as_dot = "auto"
 
   # --- Many hosts ----------------------------------------------------------

@@ -9,6 +9,8 @@ skips the training, resume and benchmark tests must not pass.
 import itertools
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -21,6 +23,17 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+
+
+# One XLA compilation cache per test process (each pytest-xdist worker is
+# one), given to the train.py runs that do not test the cache or signals
+# during compilation: the same small programs compile once per worker.
+COMPILE_CACHE = pathlib.Path(tempfile.mkdtemp(prefix="mnist_resnet_xla_"))
+CACHE_FLAG = f"--config.compilation_cache_dir={COMPILE_CACHE}"
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 def _has_mnist(directory: pathlib.Path) -> bool:
@@ -103,7 +116,7 @@ def trained_workdir(mnist_dir, tmp_path_factory) -> pathlib.Path:
   cmd = [sys.executable, str(REPO_ROOT / "train.py"),
          f"--config={REPO_ROOT / 'configs' / 'smoke.py'}",
          f"--workdir={workdir}", f"--config.data_dir={mnist_dir}",
-         "--config.num_train_steps=60", "--config.eval_every_steps=20",
+         CACHE_FLAG, "--config.num_train_steps=60", "--config.eval_every_steps=20",
          "--config.checkpoint_every_steps=20",
          "--config.validation_examples=5000", "--config.log_every_steps=10"]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,

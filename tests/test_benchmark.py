@@ -26,7 +26,7 @@ from mnist_resnet.commands import bench_modes
 from mnist_resnet.commands import bench_record
 from mnist_resnet.commands import benchmark
 from mnist_resnet.model import flops
-from mnist_resnet.training import reporting
+from mnist_resnet.training import progress
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ("--config.model=resnet_tiny", "--config.bench_steps=3",
@@ -170,7 +170,7 @@ def test_all_modes_tiny_model(mnist_dir, tmp_path):
     # The profile covers steps 11-13, so the train mode warms up past them.
     _check_measurement(
         train, "train", 32, 32,
-        warmup=reporting.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS,
+        warmup=progress.PROFILE_START_AFTER + bench_modes.PROFILE_STEPS,
         sent_bytes=788 if pipeline == "tfdata" else 0)
     assert train["compile_seconds"] == step["compile_seconds"]
     # The training config's cadences; no checkpoint among the timed steps.

@@ -23,8 +23,10 @@ from conftest import REPO_ROOT
 from mnist_resnet.commands import evaluate
 from mnist_resnet.core.errors import DataError
 from mnist_resnet.data import mnist
+from mnist_resnet.training import classification
 from mnist_resnet.training import pictures
 from mnist_resnet.training import report
+from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
 from mnist_resnet.workdir.rundir import RunDirError
 
@@ -142,7 +144,7 @@ def test_confusion_matrix_agrees_with_the_labels(evaluated, test_labels):
   assert record["errors"] == 10000 - np.trace(matrix)
   assert record["accuracy"] == np.trace(matrix) / 10000
   top = record["top_confusions"]
-  assert 0 < len(top) <= report.TOP_CONFUSIONS
+  assert 0 < len(top) <= classification.TOP_CONFUSIONS
   assert [c["count"] for c in top] == sorted(
       (c["count"] for c in top), reverse=True)
   for c in top:
@@ -295,7 +297,7 @@ def test_metrics_from_logits_by_hand():
   probabilities = [[0.9, 0.05, 0.05], [0.62, 0.28, 0.1], [0.2, 0.7, 0.1],
                    [0.1, 0.2, 0.7]]
   labels = [0, 1, 1, 2]
-  m = report.metrics_from_logits(logits_of(probabilities), labels)
+  m = classification.metrics_from_logits(logits_of(probabilities), labels)
   assert m["accuracy"] == 0.75
   assert m["eval_examples"] == 4 and m["errors"] == 1
   assert m["loss"] == pytest.approx(
@@ -319,7 +321,7 @@ def test_metrics_from_logits_by_hand():
 
 
 def test_calibration_bins_are_closed_on_the_right():
-  ece, bins = report.calibration([0.5, 1.0, 0.25], [1, 1, 0], bins=2)
+  ece, bins = classification.calibration([0.5, 1.0, 0.25], [1, 1, 0], bins=2)
   assert [b["count"] for b in bins] == [2, 1]
   # Bin (0, 0.5]: accuracy 1/2, confidence 0.375; bin (0.5, 1]: 1 and 1.
   assert ece == pytest.approx(2 / 3 * 0.125)
@@ -328,7 +330,7 @@ def test_calibration_bins_are_closed_on_the_right():
 def test_metrics_of_a_perfect_model_and_an_absent_class():
   labels = np.array([0, 1, 1, 3])
   logits = np.eye(4, dtype=np.float32)[labels] * 50
-  m = report.metrics_from_logits(logits, labels)
+  m = classification.metrics_from_logits(logits, labels)
   assert m["accuracy"] == 1.0 and m["errors"] == 0
   assert m["per_class_accuracy"] == [1.0, 1.0, None, 1.0]
   assert m["top_confusions"] == []
@@ -337,14 +339,14 @@ def test_metrics_of_a_perfect_model_and_an_absent_class():
 
 def test_top_confusions_order_and_limit():
   matrix = np.array([[5, 2, 3], [3, 5, 0], [1, 0, 5]])
-  top = report.top_confusions(matrix, limit=3)
+  top = classification.top_confusions(matrix, limit=3)
   assert top == [{"true": 0, "predicted": 2, "count": 3},
                  {"true": 1, "predicted": 0, "count": 3},
                  {"true": 0, "predicted": 1, "count": 2}]
 
 
 def test_worst_errors_first():
-  probabilities = report.softmax(logits_of(
+  probabilities = classification.softmax(logits_of(
       [[0.6, 0.4], [0.1, 0.9], [0.3, 0.7], [0.95, 0.05], [0.2, 0.8]]))
   labels = np.array([1, 1, 0, 1, 0])
   # Wrong: 0 (0.6 on class 0), 2 (0.7), 3 (0.95), 4 (0.8).
@@ -355,10 +357,13 @@ def test_worst_errors_first():
 
 def test_read_metrics_skips_broken_lines(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  path.write_text('{"step": 1, "train_loss": 2.0}\n[1, 2]\n{"step": 2, "tr')
-  rows = report.read_metrics(rundir.workdir_path(path))
-  assert rows == [{"step": 1, "train_loss": 2.0}]
-  assert report.read_metrics(
+  # A row cut off by a crash, a JSON value that is no row, random bytes.
+  path.write_bytes(b'{"step": 1, "train_loss": 2.0}\n[1, 2]\n\xff\xfe\x00'
+                   b'\n{"step": 3, "train_loss": 1.0}\n{"step": 2, "tr')
+  rows = metrics_lib.read_metrics(rundir.workdir_path(path))
+  assert rows == [{"step": 1, "train_loss": 2.0},
+                  {"step": 3, "train_loss": 1.0}]
+  assert metrics_lib.read_metrics(
       rundir.workdir_path(tmp_path / "none")) is None
 
 

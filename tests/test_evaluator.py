@@ -57,7 +57,9 @@ def check_logits_of_last_call(config, pipeline):
   logits = evaluate.logits_of_last_call()
   assert logits.shape == (11, 10) and logits.dtype == np.float32
   ref = _reference_logits(config, state, images)
-  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+  # float32 through the network at another batch size: XLA may pick other
+  # convolution kernels (2e-5 seen); a wrong or shifted row is off by O(1).
+  np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
   accuracy = np.mean(np.argmax(logits, -1) == np.asarray(LABELS))
   assert got["test_accuracy"] == pytest.approx(accuracy)
 

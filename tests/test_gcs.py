@@ -20,9 +20,10 @@ import urllib.request
 
 from etils import epath
 import pytest
-from test_reporting import board_scalars
+from test_metrics import board_scalars
 from test_train import SMOKE
 
+from conftest import CACHE_FLAG
 from conftest import REPO_ROOT
 
 PREEMPTED = 75
@@ -67,7 +68,7 @@ class Run:
     with open(log, "w") as stderr:
       proc = subprocess.Popen(
           [sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
-           f"--workdir={workdir}", *args],
+           f"--workdir={workdir}", CACHE_FLAG, *args],
           cwd=self.places["cwd"], env=self.env, stdout=subprocess.DEVNULL,
           stderr=stderr)
     proc.stderr_path = log

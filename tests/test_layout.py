@@ -141,3 +141,23 @@ def test_modules_and_functions_stay_small(module):
           if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
           and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
   assert not long, long
+
+
+def _required_parameters(node: ast.FunctionDef) -> int:
+  args = node.args
+  positional = args.posonlyargs + args.args
+  required = len(positional) - len(args.defaults)
+  required -= bool(positional) and positional[0].arg in ("self", "cls")
+  return required + sum(d is None for d in args.kw_defaults)
+
+
+def test_functions_take_few_required_parameters():
+  many = [f"{m}.{node.name}: {_required_parameters(node)}"
+          for m, tree in MODULES.items() for node in ast.walk(tree)
+          if isinstance(node, ast.FunctionDef)
+          and _required_parameters(node) > 9]
+  assert not many, many
+  loop = next(node for node in ast.walk(MODULES["mnist_resnet.training.loop"])
+              if isinstance(node, ast.FunctionDef)
+              and node.name == "train_loop")
+  assert len(loop.args.args) + len(loop.args.kwonlyargs) <= 7

@@ -21,6 +21,7 @@ from test_train import metrics
 from test_train import results
 from test_train import run_train
 
+from conftest import CACHE_FLAG
 from conftest import REPO_ROOT
 
 
@@ -36,7 +37,8 @@ def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
          f"--devices_per_process={devices}", f"--timeout={timeout}",
          f"--logs={workdir}/logs", "--",
          sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
-         f"--workdir={workdir}", "--config.distributed=true", *args]
+         f"--workdir={workdir}", "--config.distributed=true", CACHE_FLAG,
+         *args]
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   if not wait:

@@ -104,7 +104,7 @@ def test_curve_keeps_finite_numbers_in_step_order():
 def test_no_pyplot():
   """Figures are drawn without pyplot: no global state, no display."""
   script = ("import sys; import numpy as np; "
-            "from mnist_resnet import pictures; "
+            "from mnist_resnet.training import pictures; "
             "pictures.confusion_png(np.eye(10)); "
             "assert 'matplotlib.pyplot' not in sys.modules")
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT,

@@ -19,11 +19,12 @@ import urllib.parse
 import urllib.request
 
 from PIL import Image
+from PIL import UnidentifiedImageError
 import pytest
 
 from mnist_resnet.training import pictures
 from mnist_resnet.training import report
-from mnist_resnet.training import reporting
+from mnist_resnet.workdir.workdir import Workdir
 
 # What metrics.jsonl and TensorBoard must agree on.
 SCALARS = ("train_loss", "train_accuracy", "learning_rate", "test_accuracy",
@@ -59,7 +60,7 @@ def event_images(directory: pathlib.Path, tag: str) -> list:
 
 
 def test_reporter_image_is_written_like_scalars(tmp_path):
-  reporter = reporting.Reporter(tmp_path, writes=True, total_steps=20,
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=20,
                                 start_step=0)
   first = png_bytes("RGB", (30, 20))
   reporter.image(10, "picture", first)  # Nothing written yet: at once.
@@ -77,7 +78,7 @@ def test_reporter_image_is_written_like_scalars(tmp_path):
 
 
 def test_reporter_image_only_where_the_reporter_writes(tmp_path):
-  reporter = reporting.Reporter(tmp_path, writes=False, total_steps=20,
+  reporter = Workdir(tmp_path).open_metrics(writes=False, total_steps=20,
                                 start_step=0)
   reporter.image(10, "picture", png_bytes("RGB", (4, 4)))
   reporter.close()
@@ -86,13 +87,23 @@ def test_reporter_image_only_where_the_reporter_writes(tmp_path):
 
 @pytest.mark.parametrize("mode, channels", [("L", 1), ("LA", 2), ("RGB", 3),
                                             ("P", 3), ("RGBA", 4)])
-def test_png_shape(mode, channels):
-  assert reporting._png_shape(png_bytes(mode, (7, 5))) == (7, 5, channels)
+def test_reporter_image_size_and_channels(tmp_path, mode, channels):
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=1,
+                                start_step=0)
+  png = png_bytes(mode, (7, 5))
+  reporter.image(1, "picture", png)
+  reporter.close()
+  ((_, image),) = event_images(tmp_path, "picture")
+  assert (image.width, image.height, image.colorspace) == (7, 5, channels)
+  assert image.encoded_image_string == png
 
 
-def test_png_shape_rejects_other_data():
-  with pytest.raises(ValueError, match="not a PNG"):
-    reporting._png_shape(b"GIF89a" + bytes(30))
+def test_reporter_image_rejects_other_data(tmp_path):
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=1,
+                                start_step=0)
+  with pytest.raises(UnidentifiedImageError):
+    reporter.image(1, "picture", b"GIF89a" + bytes(30))
+  reporter.close()
 
 
 # --- A real TensorBoard -------------------------------------------------------

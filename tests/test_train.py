@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import CACHE_FLAG
 from conftest import REPO_ROOT
 
 SMOKE = str(REPO_ROOT / "configs" / "smoke.py")
@@ -33,7 +34,7 @@ def run_train(workdir, *overrides, config=SMOKE, devices=1, check=True,
   python = [sys.executable] + ([ACCELERATOR_IMAGE] if without_tensorflow
                                else [])
   cmd = [*python, str(REPO_ROOT / "train.py"), f"--config={config}",
-         f"--workdir={workdir}", *overrides]
+         f"--workdir={workdir}", CACHE_FLAG, *overrides]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
   if check and proc.returncode != 0:

@@ -34,7 +34,7 @@ from etils import epath
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from mnist_resnet.training import report  # pylint: disable=wrong-import-position
+from mnist_resnet.workdir import metrics  # pylint: disable=wrong-import-position
 
 
 def parse_recipe(text: str) -> tuple[str, list[str]]:
@@ -49,7 +49,7 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
 def evaluations(workdir: pathlib.Path) -> list[dict]:
   """The run's test evaluations, in step order, from metrics.jsonl (a line
   cut off by the deadline's SIGTERM is skipped)."""
-  rows = report.read_metrics(epath.Path(workdir) / "metrics.jsonl") or []
+  rows = metrics.read_metrics(epath.Path(workdir) / "metrics.jsonl") or []
   return [{"step": r["step"], "test_accuracy": r["test_accuracy"]}
           for r in rows if "test_accuracy" in r]
 

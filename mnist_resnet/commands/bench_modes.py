@@ -40,7 +40,7 @@ from mnist_resnet.core.errors import TrainingError
 from mnist_resnet.data import input_pipeline
 from mnist_resnet.data import mnist
 from mnist_resnet.training import program as program_lib
-from mnist_resnet.training import reporting
+from mnist_resnet.training import progress
 from mnist_resnet.training import train
 from mnist_resnet.training import validation
 
@@ -222,7 +222,7 @@ def benchmark_train(config: ml_collections.ConfigDict,
   run.eval_every_steps = 0
   if config.profile_dir:
     run.profile_steps = PROFILE_STEPS
-    warmup = max(warmup, reporting.PROFILE_START_AFTER + PROFILE_STEPS)
+    warmup = max(warmup, progress.PROFILE_START_AFTER + PROFILE_STEPS)
   else:
     run.profile_steps = 0
   run.num_train_steps = warmup + steps

@@ -20,6 +20,7 @@ from PIL import ImageFile
 from PIL import ImageOps
 
 from mnist_resnet.core.errors import DataError
+from mnist_resnet.core.errors import one_line
 from mnist_resnet.data import idx
 from mnist_resnet.data import mnist
 
@@ -270,11 +271,11 @@ def read_grey(path: str) -> np.ndarray:
   except OSError as e:
     if e.strerror:  # The file itself: permissions, I/O.
       raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    raise DataError(f"{path}: damaged image: {_one_line(e)}") from None
+    raise DataError(f"{path}: damaged image: {one_line(e)}") from None
   except (SyntaxError, ValueError, EOFError, IndexError,
           Image.DecompressionBombError) as e:
     # Pillow's decoders report corrupt data with any of these.
-    raise DataError(f"{path}: damaged image: {_one_line(e)}") from None
+    raise DataError(f"{path}: damaged image: {one_line(e)}") from None
 
 
 def _grey_levels(img: Image.Image) -> np.ndarray:
@@ -293,11 +294,6 @@ def _grey_levels(img: Image.Image) -> np.ndarray:
     alpha = np.asarray(rgba.getchannel("A"), np.float64) / 255.0
     return flatten_alpha(grey, alpha)
   return np.asarray(img.convert("L"), np.float64) / 255.0
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return text or type(e).__name__
 
 
 def is_idx(path: str) -> bool:

@@ -41,7 +41,6 @@ TensorBoard (`reporting.Reporter.image`, tag CONFUSION_TAG).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import flags
@@ -54,11 +53,7 @@ from mnist_resnet.data import mnist
 from mnist_resnet.training import report as report_lib
 from mnist_resnet.training import trained as trained_lib
 from mnist_resnet.workdir import rundir
-
-
-def default_out_dir(workdir: str | os.PathLike, step: int) -> epath.Path:
-  """WORKDIR/eval_<step>: one report per evaluated checkpoint."""
-  return rundir.workdir_path(workdir) / f"eval_{step}"
+from mnist_resnet.workdir.workdir import Workdir
 
 
 def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
@@ -71,7 +66,7 @@ def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
   config = trained_lib.read_config(workdir)
   data_dir = data_dir or config.get("data_dir", "")
   if not data_dir:
-    raise DataError(f"{rundir.config_path(workdir)} names no data_dir: pass "
+    raise DataError(f"{Workdir(workdir).config_file} names no data_dir: pass "
                     "--data_dir")
   paths = mnist.locate_files(data_dir, download=download,
                              download_hint="pass --data_dir or --download")
@@ -79,8 +74,8 @@ def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
   test = mnist.load_mnist(data_dir, check_md5=False)["test"]
   _warn_if_not_official({name: paths[name] for name in (
       mnist.TEST_IMAGES, mnist.TEST_LABELS)})
-  out_dir = rundir.workdir_path(out) if out else default_out_dir(
-      workdir, model.step)
+  out_dir = (rundir.workdir_path(out) if out
+             else Workdir(workdir).eval_dir(model.step))
   return report_lib.report(model, test, out_dir), out_dir
 
 

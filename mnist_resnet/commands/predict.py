@@ -42,7 +42,7 @@ from mnist_resnet.core import files
 from mnist_resnet.core.errors import EXIT_USER_ERROR
 from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.data import mnist
-from mnist_resnet.training import report
+from mnist_resnet.training import classification
 from mnist_resnet.training import trained
 
 _WORKDIR = flags.DEFINE_string(
@@ -110,7 +110,7 @@ def save_png(path: str, image: np.ndarray) -> None:
 def records(digits: Sequence[digits_lib.Digit], logits: np.ndarray,
             saved: Sequence[str] | None = None) -> Iterator[dict]:
   """The JSON object printed for each digit."""
-  for i, (d, p) in enumerate(zip(digits, report.softmax(logits))):
+  for i, (d, p) in enumerate(zip(digits, classification.softmax(logits))):
     record = {"file": d.file}
     if d.index is not None:
       record["index"] = d.index

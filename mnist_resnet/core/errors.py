@@ -12,6 +12,17 @@ import signal
 EXIT_USER_ERROR = 2
 
 
+def one_line(error: object, limit: int | None = None) -> str:
+  """An error (or any message) as one line: whitespace collapsed, cut to
+  `limit` characters; the exception's type name when it says nothing."""
+  text = " ".join(str(error).strip().strip('"').split())
+  if not text and isinstance(error, BaseException):
+    text = type(error).__name__
+  if limit is not None and len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return text
+
+
 class MnistResnetError(Exception):
   """Base class of every error a user can cause and fix."""
 
@@ -50,6 +61,14 @@ class Diverged(TrainingError):
 # checkpoint at the step it reached: sysexits.h's EX_TEMPFAIL, "try again".
 # Rerunning the same command continues from that checkpoint.
 EXIT_PREEMPTED = 75
+# A run stopped by Ctrl-C: the shell's code for it, 128 + SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def exit_code_of_signal(signum: int) -> int:
+  """The exit code of a run stopped by signal `signum` once its checkpoint
+  is saved."""
+  return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
 
 
 class Preempted(Exception):

@@ -22,8 +22,18 @@ from mnist_resnet.core.errors import WriteError
 WRITE_ERRNOS = frozenset({
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
     errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
+# Tensorstore's error text, parsed for the errno and the file: without them a
+# full disk is a traceback, or a line without the file, see
+# tests/test_cli.py::test_convert_on_a_full_disk_is_one_line_and_exits
+# (checked with orbax-checkpoint 0.12.8, tensorstore 0.1.86).
 _TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _QUOTED = re.compile(r'"([^"]+)"')
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for locations with a scheme (gs://, s3://, ...): served through
+  etils.epath, not the local file system."""
+  return "://" in os.fspath(path)
 
 
 def create_temp(directory: str | os.PathLike, prefix: str, suffix: str

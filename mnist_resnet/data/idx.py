@@ -27,6 +27,7 @@ import numpy as np
 
 from mnist_resnet.core import files
 from mnist_resnet.core.errors import DataError
+from mnist_resnet.core.errors import one_line
 
 PathLike = Union[str, os.PathLike]
 
@@ -141,14 +142,9 @@ def _file_errors(path: pathlib.Path, gzip_fault: str) -> Iterator[None]:
   except IdxError:
     raise
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-    raise IdxError(f"{path}: {gzip_fault}: {_one_line(e)}") from e
+    raise IdxError(f"{path}: {gzip_fault}: {one_line(e)}") from e
   except OSError as e:
     raise _wrap_os_error(path, e) from e
-
-
-def _one_line(err: BaseException) -> str:
-  text = str(err) or type(err).__name__
-  return " ".join(text.split())
 
 
 def _read_raw(path: PathLike) -> tuple[IdxHeader, np.ndarray]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from mnist_resnet.core import files
 from mnist_resnet.core.errors import DataError
+from mnist_resnet.core.errors import one_line
 from mnist_resnet.data import idx
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -79,10 +80,6 @@ class Split(NamedTuple):
 # --- Files -----------------------------------------------------------------
 
 
-def _one_line(text: object) -> str:
-  return " ".join(str(text).split())
-
-
 def _fetch(url: str, directory: pathlib.Path, filename: str,
            expected_md5: str, timeout: float) -> Optional[str]:
   """Downloads url to directory/filename; returns None or why it failed.
@@ -96,7 +93,7 @@ def _fetch(url: str, directory: pathlib.Path, filename: str,
     fd, tmp = files.create_temp(directory, f".{filename}.", ".part")
   except OSError as e:
     raise DataError(f"{directory}: cannot write a download there: "
-                    f"{_one_line(e.strerror or e)}") from e
+                    f"{one_line(e.strerror or e)}") from e
   try:
     digest = hashlib.md5()
     with os.fdopen(fd, "wb") as out:
@@ -110,11 +107,11 @@ def _fetch(url: str, directory: pathlib.Path, filename: str,
     os.replace(tmp, directory / filename)
     return None
   except urllib.error.HTTPError as e:
-    return f"{url}: HTTP {e.code} {_one_line(e.reason)}"
+    return f"{url}: HTTP {e.code} {one_line(e.reason)}"
   except urllib.error.URLError as e:
-    return f"{url}: {_one_line(e.reason)}"
+    return f"{url}: {one_line(e.reason)}"
   except (OSError, http.client.HTTPException, ValueError) as e:
-    return f"{url}: {_one_line(e) or type(e).__name__}"
+    return f"{url}: {one_line(e) or type(e).__name__}"
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -173,7 +170,7 @@ def locate_files(data_dir: os.PathLike | str, *, download: bool,
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise DataError(f"{directory}: cannot create the data directory: "
-                    f"{_one_line(e.strerror or e)}") from e
+                    f"{one_line(e.strerror or e)}") from e
   for name in missing:
     found[name] = _download(name, directory,
                             MIRRORS if mirrors is None else mirrors, timeout)
@@ -213,7 +210,7 @@ def checksum_details(paths: Mapping[str, os.PathLike | str]
     try:
       md5 = _md5_of_file(path)
     except OSError as e:
-      raise DataError(f"{path}: cannot read: {_one_line(e.strerror or e)}"
+      raise DataError(f"{path}: cannot read: {one_line(e.strerror or e)}"
                       ) from e
     official = {GZ_MD5.get(name), RAW_MD5.get(name)} - {None}
     if not official:

@@ -22,7 +22,7 @@ ResNet50 v1.5 (stride on the 3x3, not the first 1x1: +0.231 GMAC) with a
 1000-class head (+0.002 GMAC).
 
 Why from the flax modules, not from the traced program: the model computes
-some convolutions as matrix products (`models.conv_as_dot`, which drops
+some convolutions as matrix products (`resnet.conv_as_dot`, which drops
 kernel taps that only ever see padding), so the program's dot_generals are
 the implementation, not the layer. The module walk sees the layer as
 written, at its real shapes, and cannot miss one: every parameter called

@@ -1,4 +1,4 @@
-"""Pretrained weights in and out of `models.ResNet`'s variables.
+"""Pretrained weights in and out of `resnet.ResNet`'s variables.
 
 Keras weight files (any layout `keras_h5` reads) fill the backbone by name:
 the Flax backbone's module names are Keras's layer names, every Keras weight

@@ -24,6 +24,8 @@ import tempfile
 from absl import logging
 import jax
 
+from mnist_resnet.core import files
+
 # The placeholder for the run's workdir in config.compilation_cache_dir.
 WORKDIR = "{workdir}"
 
@@ -31,10 +33,6 @@ WORKDIR = "{workdir}"
 # 1 s): they cost about as much to load as to compile, and the train step,
 # evaluation step and initialisation that matter all take longer.
 MIN_COMPILE_TIME_SECS = 1.0
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
 
 
 def resolve(template: str, workdir: str | os.PathLike | None) -> str | None:
@@ -47,7 +45,7 @@ def resolve(template: str, workdir: str | os.PathLike | None) -> str | None:
     if workdir is None:
       return None
     template = template.replace(WORKDIR, os.fspath(workdir).rstrip("/"))
-  if _is_remote(template):
+  if files.is_remote(template):
     return template
   return os.path.abspath(os.path.expanduser(template))
 
@@ -83,7 +81,7 @@ def enable(template: str, workdir: str | os.PathLike | None = None, *,
   if path is None:
     return None
   inside_workdir = WORKDIR in template
-  if not inside_workdir and not _is_remote(path):
+  if not inside_workdir and not files.is_remote(path):
     why = _unwritable(path)
     if why is not None:
       logging.warning("compilation cache off: cannot write to %s (%s); "
@@ -92,7 +90,7 @@ def enable(template: str, workdir: str | os.PathLike | None = None, *,
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     float(min_compile_time_secs))
-  if _is_remote(path):
+  if files.is_remote(path):
     # XLA's own GPU autotuning cache, which JAX puts beside its cache when
     # that is enabled, is written by XLA's C++ file layer: local paths only.
     jax.config.update("jax_persistent_cache_enable_xla_caches", None)

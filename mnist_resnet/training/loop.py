@@ -27,9 +27,9 @@ from mnist_resnet.training import checkpoint as checkpoint_lib
 from mnist_resnet.training import evaluator as evaluator_lib
 from mnist_resnet.training import preemption
 from mnist_resnet.training import program as program_lib
-from mnist_resnet.training import reporting
+from mnist_resnet.training import progress
 from mnist_resnet.training import steps
-from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir.workdir import Workdir
 
 # Called right after each train step is dispatched, metrics still on device.
 StepObserver = Callable[[int, Mapping[str, jax.Array]], None]
@@ -49,7 +49,9 @@ class LoopEnd:
   eval_results: dict[str, Any]
   train_totals: dict[str, Any]
   final_train_loss: float
-  test_logits: np.ndarray  # The final evaluation's, for the report.
+  # The final test evaluation's logits and figures, for the report.
+  test_logits: np.ndarray
+  test_figures: dict[str, Any]
 
 
 def create_evaluators(config: ml_collections.ConfigDict,
@@ -82,15 +84,15 @@ def _eval_scalars(results: Mapping[str, Any]) -> dict[str, float]:
           if k.endswith(("_accuracy", "_loss")) and not k.startswith("per_")}
 
 
-def set_aside_diverged(ckpt: checkpoint_lib.Checkpointer, e: Diverged,
-                       workdir: str) -> TrainingError:
+def set_aside_diverged(workdir: Workdir, e: Diverged) -> TrainingError:
   """The error to end a diverged run with, once the checkpoint of the state
   that diverged (step e.step - 1), if saved, is moved aside."""
   bad = e.step - 1
+  ckpt = workdir.checkpointer
   ckpt.wait_until_finished()
   said = f"{e}; the state of step {bad} is not good"
   if bad in ckpt.all_steps():
-    moved = ckpt.set_aside(bad, rundir.set_aside_dir(workdir), "diverged")
+    moved = ckpt.set_aside(bad, workdir.set_aside_dir, "diverged")
     said += f" (its checkpoint is now {moved})"
   latest = ckpt.latest_step()
   said += (f"; the latest checkpoint, step {latest}, is good"
@@ -136,35 +138,60 @@ def save_checkpoint(ckpt: checkpoint_lib.Checkpointer,
   ckpt.save(step, state, meta=meta, metrics=metrics)
 
 
-def train_loop(config: ml_collections.ConfigDict, workdir: str,
+@dataclasses.dataclass(frozen=True)
+class LoopData:
+  """What the loop reads: the training split, and the evaluators (the test
+  set's first, then the validation split's if held out)."""
+  train: mnist.Split
+  evaluators: list[evaluator_lib.Evaluator]
+
+
+class _Schedule:
+  """Which of the periodic things happen after a step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, total: int,
+               train_examples: int, keep_best: bool):
+    self.total = total
+    self.eval_every = eval_period(config, train_examples)
+    self.checkpoint_every = config.checkpoint_every_steps
+    self.keep_best = keep_best
+
+  def evaluate(self, step: int) -> bool:
+    return step == self.total or bool(
+        self.eval_every and step % self.eval_every == 0)
+
+  def checkpoint(self, step: int) -> bool:
+    # With a best checkpoint to keep, every evaluation is saved.
+    return (step == self.total or step % self.checkpoint_every == 0
+            or (self.keep_best and self.evaluate(step)))
+
+
+def train_loop(config: ml_collections.ConfigDict,
                program: program_lib.Program, state: steps.TrainState,
-               start: int,
-               splits: Mapping[str, mnist.Split],
-               evaluators: list[evaluator_lib.Evaluator],
-               ckpt: checkpoint_lib.Checkpointer,
-               reporter: reporting.Reporter,
+               data: LoopData, workdir: Workdir,
                signals: preemption.StopSignals,
-               check_lock: Callable[[], None],
                on_step: StepObserver | None) -> LoopEnd:
-  """Steps start + 1 .. total: train, log, evaluate, checkpoint, stop on a
+  """Steps after the state's own up to the total: train, log, evaluate,
+  checkpoint (through the workdir's checkpointer and metrics), stop on a
   signal.
 
   A checkpoint is only good once the loss computed from its parameters is
   known finite: that is the next step's train loss, fetched right after the
   step following each save; a non-finite one sets the checkpoint aside.
   """
-  total = program.total_steps
-  period = eval_period(config, len(splits["train"].labels))
-  inputs = train_inputs(config, program, splits["train"], start, total)
-  log = reporting.TrainLog(reporter, batch_size=config.batch_size,
+  start, total = int(jax.device_get(state.step)), program.total_steps
+  ckpt, reporter = workdir.checkpointer, workdir.metrics
+  plan = _Schedule(config, total, len(data.train.labels), ckpt.keep_best)
+  inputs = train_inputs(config, program, data.train, start, total)
+  log = progress.TrainLog(reporter, batch_size=config.batch_size,
                            log_every=config.log_every_steps,
                            total_steps=total, start_step=start)
-  profile = reporting.ProfileWindow(
-      rundir.profile_dir(workdir), num_steps=config.profile_steps,
+  profile = progress.ProfileWindow(
+      workdir.profile_dir, num_steps=config.profile_steps,
       start_step=start, total_steps=total)
 
   def save(step, eval_results):
-    check_lock()  # Never write over a run that took the workdir over.
+    workdir.check_lock()  # Never write over a run that took it over.
     save_checkpoint(ckpt, config, step, state, eval_results)
     reporter.flush()
 
@@ -179,18 +206,12 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
       profile.after_step(step, state)
       if on_step is not None:
         on_step(step, metrics)
-      if step == verify_step:
-        log.flush(step)
-
-      do_eval = step == total or (period and step % period == 0)
-      # With a best checkpoint to keep, every evaluation is saved.
-      do_ckpt = (step == total or step % config.checkpoint_every_steps == 0
-                 or (ckpt.keep_best and do_eval))
-      if do_eval or do_ckpt:
-        log.flush(step)   # Never save a state whose own step diverged.
+      do_eval, do_ckpt = plan.evaluate(step), plan.checkpoint(step)
+      if step == verify_step or do_eval or do_ckpt:
+        log.flush(step)  # Never save a state whose own step diverged.
       if do_eval:
         with log.paused():
-          eval_results = evaluate(evaluators, state, step)
+          eval_results = evaluate(data.evaluators, state, step)
         reporter.scalars(step, _eval_scalars(eval_results))
       if do_ckpt:
         save(step, eval_results if do_eval else None)
@@ -205,14 +226,15 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str,
     jax.block_until_ready(state)
     totals = log.totals()
     if eval_results is None:  # Nothing left to train: resumed at the end.
-      eval_results = evaluate(evaluators, state, total)
-    test_logits = evaluators[0].logits_of_last_call()
+      eval_results = evaluate(data.evaluators, state, total)
+    test_logits = data.evaluators[0].logits_of_last_call()
+    test_figures = data.evaluators[0].figures_of_last_call()
     ckpt.wait_until_finished()
   except Diverged as e:
-    raise set_aside_diverged(ckpt, e, workdir) from None
+    raise set_aside_diverged(workdir, e) from None
   finally:
     profile.close()
     reporter.flush()
   return LoopEnd(state=state, eval_results=eval_results, train_totals=totals,
                  final_train_loss=log.last_train_loss,
-                 test_logits=test_logits)
+                 test_logits=test_logits, test_figures=test_figures)

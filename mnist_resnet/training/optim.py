@@ -1,7 +1,7 @@
 """Learning-rate schedule and optimizer over the trainable parameter groups.
 
 Parameters are split at the top level into 'backbone' and 'head' (see
-models.py); the optimizer sees only the groups that train, so a frozen
+model/resnet.py); the optimizer sees only the groups that train, so a frozen
 backbone has no optimizer state at all.
 """
 

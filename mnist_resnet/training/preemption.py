@@ -37,13 +37,8 @@ import signal
 import threading
 from typing import Callable
 
-from mnist_resnet.core.errors import EXIT_PREEMPTED
-
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C.
-
-
-def exit_code(signum: int) -> int:
-  return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+from mnist_resnet.core.errors import EXIT_INTERRUPTED
+from mnist_resnet.core.errors import exit_code_of_signal
 
 
 def _write_stderr(line: str) -> None:
@@ -117,7 +112,7 @@ class StopSignals:
         return
       _write_stderr(_stopped_line(signum))
       self._run_cleanups()
-      os._exit(exit_code(signum))  # pylint: disable=protected-access
+      os._exit(exit_code_of_signal(signum))  # pylint: disable=protected-access
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
     signum = _as_handled(signum)

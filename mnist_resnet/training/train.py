@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any
-from typing import Callable
 from typing import Mapping
 
 from absl import logging
@@ -34,18 +33,14 @@ from mnist_resnet.data import mnist
 from mnist_resnet.data import order
 from mnist_resnet.data import split
 from mnist_resnet.model import pretrained
-from mnist_resnet.training import checkpoint as checkpoint_lib
-from mnist_resnet.training import evaluator as evaluator_lib
 from mnist_resnet.training import loop as loop_lib
 from mnist_resnet.training import preemption
 from mnist_resnet.training import program as program_lib
 from mnist_resnet.training import report as report_lib
-from mnist_resnet.training import reporting
 from mnist_resnet.training import steps
 from mnist_resnet.training import trained
 from mnist_resnet.training import validation
-from mnist_resnet.workdir import rundir
-from mnist_resnet.workdir import runlock
+from mnist_resnet.workdir.workdir import Workdir
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, mnist.Split]:
@@ -57,8 +52,7 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, mnist.Split]:
 
 
 def restore_or_init(config: ml_collections.ConfigDict,
-                    program: program_lib.Program,
-                    ckpt: checkpoint_lib.Checkpointer, workdir: str
+                    program: program_lib.Program, workdir: Workdir
                     ) -> tuple[steps.TrainState, int | None]:
   """The state to start from, and the step it was restored from (or None).
 
@@ -67,8 +61,9 @@ def restore_or_init(config: ml_collections.ConfigDict,
   (init=imagenet; resolved, downloaded if need be, before anything
   compiles), else random initialisation.
   """
+  ckpt = workdir.checkpointer
   found = ckpt.restore_latest_good(program.abstract_state(),
-                                   rundir.set_aside_dir(workdir))
+                                   workdir.set_aside_dir)
   if found is None:
     weights = None
     if config.init == "imagenet":
@@ -83,12 +78,11 @@ def restore_or_init(config: ml_collections.ConfigDict,
   return state, latest
 
 
-def best_results(ckpt: checkpoint_lib.Checkpointer,
-                 program: program_lib.Program,
-                 evaluators: list[evaluator_lib.Evaluator],
-                 end: loop_lib.LoopEnd
+def best_results(workdir: Workdir, program: program_lib.Program,
+                 data: loop_lib.LoopData, end: loop_lib.LoopEnd
                  ) -> dict[str, Any]:
   """The best-by-validation checkpoint's step and its accuracies."""
+  ckpt = workdir.checkpointer
   best = ckpt.best_step()
   if best is None:
     return {"best_step": None}
@@ -96,17 +90,15 @@ def best_results(ckpt: checkpoint_lib.Checkpointer,
     found = end.eval_results
   else:
     found = loop_lib.evaluate(
-        evaluators, ckpt.restore(best, program.abstract_state()),
-                     best)
+        data.evaluators, ckpt.restore(best, program.abstract_state()), best)
   return {"best_step": best,
           "best_validation_accuracy": found["validation_accuracy"],
           "best_test_accuracy": found["test_accuracy"]}
 
 
-def report_pictures(config: ml_collections.ConfigDict, workdir: str,
+def report_pictures(config: ml_collections.ConfigDict, workdir: Workdir,
                     program: program_lib.Program, end: loop_lib.LoopEnd,
-                    test: mnist.Split,
-                    reporter: reporting.Reporter) -> None:
+                    test: mnist.Split) -> None:
   """The final state's evaluation report in the workdir (eval.json,
   confusion.png, errors.png, curves.png: see report.py), and the
   confusion matrix in TensorBoard. Drawn from the final evaluation's
@@ -114,12 +106,13 @@ def report_pictures(config: ml_collections.ConfigDict, workdir: str,
   step = int(jax.device_get(end.state.step))
   params, batch_stats = steps.eval_variables(end.state)
   model = trained.TrainedModel(
-      workdir=workdir, step=step, config=config, model=program.model,
-      model_input=program.model_input, params=params,
+      workdir=workdir.location, step=step, config=config,
+      model=program.model, model_input=program.model_input, params=params,
       batch_stats=batch_stats, mesh=program.mesh)
-  report = report_lib.report(model, test, rundir.workdir_path(workdir),
-                               logits=end.test_logits)
-  reporter.image(step, report_lib.CONFUSION_TAG, report.confusion_png)
+  report = report_lib.report(model, test, workdir.path,
+                             logits=end.test_logits,
+                             figures=end.test_figures)
+  workdir.metrics.image(step, report_lib.CONFUSION_TAG, report.confusion_png)
 
 
 def final_results(config: ml_collections.ConfigDict, total_steps: int,
@@ -143,13 +136,13 @@ def final_results(config: ml_collections.ConfigDict, total_steps: int,
   }
 
 
-def finished_results(config: ml_collections.ConfigDict, workdir: str,
-                     ckpt: checkpoint_lib.Checkpointer
+def finished_results(config: ml_collections.ConfigDict, workdir: Workdir
                      ) -> dict[str, Any] | None:
   """results.json of this run if it already finished (a scheduler's retry
   of a done job), else None."""
-  results = rundir.read_json(rundir.results_path(workdir))
-  if results is None or results.get("step") != ckpt.latest_step():
+  results = workdir.results()
+  if (results is None
+      or results.get("step") != workdir.checkpointer.latest_step()):
     return None
   saved = results.get("config", {})
   if any(saved.get(k) != config[k] for k in ("num_train_steps", "num_epochs")):
@@ -157,26 +150,30 @@ def finished_results(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def open_run(config: ml_collections.ConfigDict, workdir: str,
+def open_run(config: ml_collections.ConfigDict, location: str,
              stack: contextlib.ExitStack, signals: preemption.StopSignals
-             ) -> tuple[checkpoint_lib.Checkpointer, Callable[[], None]]:
+             ) -> Workdir:
   """Takes the workdir: its lock (process 0; one lock per run), the saved
-  config's check, and the checkpoints. Returns them with the lock's check,
-  which raises once another run has taken the workdir over."""
-  check_lock = lambda: None
+  config's check, and its checkpoints; all given back when `stack` closes."""
+  workdir = Workdir(location)
   if jax.process_index() == 0:
-    lock = runlock.acquire(workdir)
-    stack.callback(lock.release)
-    signals.on_early_exit(lock.release)
-    check_lock = lock.check
-  rundir.check_resume_config(workdir, config.to_dict())
-  rundir.check_is_directory(rundir.checkpoint_dir(workdir))
-  ckpt = checkpoint_lib.Checkpointer(
-      rundir.checkpoint_dir(workdir),
-      max_to_keep=config.max_checkpoints_to_keep,
-      keep_best=config.validation_examples > 0)
-  stack.callback(ckpt.close)
-  return ckpt, check_lock
+    workdir.take_lock()
+    stack.callback(workdir.release_lock)
+    signals.on_early_exit(workdir.release_lock)
+  workdir.check_resume_config(config.to_dict())
+  workdir.open_checkpointer(max_to_keep=config.max_checkpoints_to_keep,
+                            keep_best=config.validation_examples > 0)
+  stack.callback(workdir.close)
+  return workdir
+
+
+def log_start(config: ml_collections.ConfigDict, program: program_lib.Program,
+              train_examples: int, start: int) -> None:
+  logging.info(
+      "%s: %d steps (%d per epoch), global batch %d on %d devices (%d "
+      "processes), starting at step %d", config.model, program.total_steps,
+      order.steps_per_epoch(train_examples, config.batch_size),
+      config.batch_size, jax.device_count(), jax.process_count(), start)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -195,37 +192,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with contextlib.ExitStack() as stack:
     if signals is None:
       signals = stack.enter_context(preemption.StopSignals())
-    ckpt, check_lock = open_run(config, workdir, stack, signals)
-    finished = finished_results(config, workdir, ckpt)
+    run = open_run(config, workdir, stack, signals)
+    finished = finished_results(config, run)
     if finished is not None:
       logging.info("%s already holds this run's results (step %d: "
-                   "test_accuracy=%s); nothing to do",
-                   rundir.results_path(workdir), finished["step"],
-                   finished.get("test_accuracy"))
+                   "test_accuracy=%s); nothing to do", run.results_file,
+                   finished["step"], finished.get("test_accuracy"))
       return finished
     splits = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
-    state, resumed_from = restore_or_init(config, program, ckpt, workdir)
+    state, resumed_from = restore_or_init(config, program, run)
     if jax.process_index() == 0:
-      rundir.save_config(workdir, config.to_dict())
+      run.save_config(config.to_dict())
     start = int(jax.device_get(state.step))
-    logging.info(
-        "%s: %d steps (%d per epoch), global batch %d on %d devices (%d "
-        "processes), starting at step %d", config.model, program.total_steps,
-        order.steps_per_epoch(len(splits["train"].labels), config.batch_size),
-        config.batch_size, jax.device_count(), jax.process_count(), start)
-    evaluators = loop_lib.create_evaluators(config, program, splits)
-    reporter = stack.enter_context(contextlib.closing(reporting.Reporter(
-        workdir, writes=jax.process_index() == 0,
-        total_steps=program.total_steps, start_step=start)))
-    end = loop_lib.train_loop(config, workdir, program, state, start, splits,
-                     evaluators, ckpt, reporter, signals, check_lock, on_step)
-    best = best_results(ckpt, program, evaluators, end)
-    report_pictures(config, workdir, program, end, splits["test"], reporter)
+    log_start(config, program, len(splits["train"].labels), start)
+    data = loop_lib.LoopData(
+        train=splits["train"],
+        evaluators=loop_lib.create_evaluators(config, program, splits))
+    run.open_metrics(writes=jax.process_index() == 0,
+                     total_steps=program.total_steps, start_step=start)
+    end = loop_lib.train_loop(config, program, state, data, run, signals,
+                              on_step)
+    best = best_results(run, program, data, end)
+    report_pictures(config, run, program, end, splits["test"])
   results = final_results(config, program.total_steps, end, start=start,
                           resumed_from=resumed_from, best=best)
   if jax.process_index() == 0:
-    rundir.write_results(workdir, results)
+    run.write_results(results)
   logging.info("step %d: test_accuracy=%.4f test_loss=%.4f (%d examples)",
                results["step"], results["test_accuracy"],
                results["test_loss"], results["eval_examples"])

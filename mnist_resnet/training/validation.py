@@ -150,6 +150,6 @@ def validate_workdir(workdir: str) -> None:
   if not isinstance(workdir, str) or not workdir.strip():
     raise ConfigError(f"--workdir={workdir!r}: must name a directory for "
                       "checkpoints and results")
-  if "://" in workdir:
+  if files.is_remote(workdir):
     return
   files.check_writable_dir(workdir, f"--workdir={workdir}")

@@ -27,6 +27,7 @@ try:
 except ImportError:  # Only gs:// workdirs need them; runlock.acquire says so.
   google_errors = auth_errors = None
 
+from mnist_resnet.core.errors import one_line
 from mnist_resnet.workdir.lock_holder import LOCK_NAME
 from mnist_resnet.workdir.lock_holder import PROCEED
 from mnist_resnet.workdir.lock_holder import Lock
@@ -268,7 +269,7 @@ class Lease(Lock):
             storage_errors.InvalidResponse, storage_errors.DataCorruption,
             OSError) as e:
       raise RunDirError(f"cannot {what} {self.path}: "
-                        f"{_one_line(e)}") from None
+                        f"{_describe_error(e)}") from None
 
 
 def _holder_lease(seen: _Seen, default: float) -> float:
@@ -279,13 +280,11 @@ def _holder_lease(seen: _Seen, default: float) -> float:
   return default
 
 
-def _one_line(error: Exception) -> str:
+def _describe_error(error: Exception) -> str:
   code = getattr(error, "code", None)
   if code in (401, 403):
     return f"no permission ({code})"
-  text = " ".join(str(error).split())
-  text = text if len(text) <= 300 else text[:297] + "..."
-  return f"{type(error).__name__}: {text}"
+  return f"{type(error).__name__}: {one_line(error, limit=300)}"
 
 
 def _client(path: str, deadline: float):
@@ -297,5 +296,5 @@ def _client(path: str, deadline: float):
     client = storage.Client()
   except (auth_errors.GoogleAuthError, OSError) as e:
     raise RunDirError(f"cannot reach {path}: no Google Cloud credentials "
-                      f"({_one_line(e)})") from None
+                      f"({_describe_error(e)})") from None
   return client, storage.retry.DEFAULT_RETRY.with_timeout(deadline)

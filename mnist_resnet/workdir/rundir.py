@@ -1,22 +1,13 @@
-"""The run directory (workdir): where each of a run's files lives.
-
-    workdir/checkpoints/<step>/   orbax checkpoints (checkpoint.py)
-    workdir/set_aside/<step>.<why>/   checkpoints that failed to restore or
-                                  diverged, moved out of orbax's sight
-    workdir/config.json           the run's config, compared on resume
-    workdir/lock.json             who runs in this workdir (runlock.py)
-    workdir/metrics.jsonl, events.out.tfevents.*   (reporting.py)
-    workdir/profile/              jax.profiler traces
-    workdir/results.json          the final record
-
-A workdir is a local directory or any location etils.epath serves
-(`gs://bucket/run` on Cloud TPU): every file of a run goes through
-`epath.Path`, never `open`/`os`. Object stores have no append and no rename:
-files are written whole, in one upload (`write_atomic`).
+"""Files in a location that is a local directory or anything etils.epath
+serves (`gs://bucket/run` on Cloud TPU): every file of a run goes through
+`epath.Path`, never `open`/`os`. Object stores have no append and no
+rename: files are written whole, in one upload (`write_atomic`), and trees
+are moved by copying (`move_tree`). Which file lives where is `Workdir`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +22,10 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mnist_resnet.core.errors import MnistResnetError  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mnist_resnet.core import files
+from mnist_resnet.core.errors import MnistResnetError
+from mnist_resnet.core.files import is_remote  # noqa: F401  (until reporting.py moves)
 
 
 class RunDirError(MnistResnetError):
@@ -41,14 +35,9 @@ class RunDirError(MnistResnetError):
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   """The workdir as a path; local paths are made absolute (orbax needs it)."""
   text = os.fspath(workdir)
-  if is_remote(text):
+  if files.is_remote(text):
     return epath.Path(text)
   return epath.Path(os.path.abspath(text))
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-  """True for locations with a scheme (gs://, s3://, ...)."""
-  return "://" in os.fspath(path)
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -78,20 +67,24 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
   which only becomes visible once complete.
   """
   payload = data.encode() if isinstance(data, str) else data
-  if is_remote(path):
+  if files.is_remote(path):
     path.write_bytes(payload)
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
+  tmp = None
   try:
-    with open(tmp, "wb") as f:
+    fd, tmp = files.create_temp(path.parent, f".{path.name}.", ".tmp")
+    with os.fdopen(fd, "wb") as f:
       f.write(payload)
       f.flush()
       os.fsync(f.fileno())
+    os.replace(tmp, path)
   except OSError as e:
+    if tmp is not None:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
     # write() and fsync() errors (a full disk) carry no file name.
     raise OSError(e.errno, e.strerror, os.fspath(path)) from e
-  os.replace(tmp, path)
 
 
 def to_json(record: Mapping[str, Any]) -> str:
@@ -153,7 +146,7 @@ def move_tree(source: epath.Path, destination: epath.Path) -> None:
   """Moves a directory. Object stores have no rename: copy every object,
   then delete the source (a crash in between leaves both, never neither)."""
   destination.parent.mkdir(parents=True, exist_ok=True)
-  if not is_remote(source):
+  if not files.is_remote(source):
     os.replace(source, destination)
     return
   for item in _files_under(source):
@@ -212,7 +205,8 @@ def read_saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
   return {**ADDED_KEYS, **saved}
 
 
-def _as_json(config: Mapping[str, Any]) -> dict[str, Any]:
+def as_json(config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config` as strict JSON reads it back (tuples as lists, NaN as None)."""
   return json.loads(to_json(config))
 
 
@@ -226,7 +220,7 @@ def check_resume_config(workdir: str | os.PathLike,
   saved = read_saved_config(workdir)
   if saved is None:
     return
-  current = _as_json(config)
+  current = as_json(config)
   missing = object()
   changed = [
       f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"

@@ -22,6 +22,7 @@ import os
 
 from absl import logging
 
+from mnist_resnet.core import files
 from mnist_resnet.workdir import flock
 from mnist_resnet.workdir import lease
 from mnist_resnet.workdir import rundir
@@ -38,7 +39,7 @@ def acquire(workdir: str | os.PathLike, *,
             lease_seconds: float | None = None) -> Lock:
   """Takes the workdir's lock or raises RunDirError naming the holder."""
   text = os.fspath(workdir)
-  if not rundir.is_remote(text):
+  if not files.is_remote(text):
     return flock.FileLock.acquire(os.fspath(rundir.workdir_path(text)))
   if text.startswith("gs://"):
     if lease.google_errors is None:

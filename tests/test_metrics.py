@@ -1,8 +1,11 @@
-"""Reporter, metrics.jsonl and the TensorFlow-free TensorBoard writer, on a
-local directory and on a bucket of the local Cloud Storage server."""
+"""Reporter: metrics.jsonl and TensorBoard's event files (written through
+tensorboardX), on a local directory and on a bucket of the local Cloud Storage
+server, read back with TensorBoard's own readers."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pathlib
@@ -10,29 +13,26 @@ import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 
 from etils import epath
 import jax.numpy as jnp
+from PIL import Image
 import pytest
 from test_train import tensorboard_scalars
 
 from conftest import REPO_ROOT
-from mnist_resnet.training import reporting
-from mnist_resnet.training import tb_events
+from mnist_resnet.core import files
+from mnist_resnet.training import progress
+from mnist_resnet.workdir import metrics as metrics_lib
+from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir.workdir import Workdir
 
 
 def tiny_png(height: int, width: int) -> bytes:
-  """An RGB PNG, encoded with zlib alone."""
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data +
-            struct.pack(">I", zlib.crc32(kind + data)))
-  rows = b"".join(
-      b"\0" + b"".join(bytes((x * 40, y * 40, 200)) for x in range(width))
-      for y in range(height))
-  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) +
-          chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+  """An RGB PNG of `height` x `width` pixels."""
+  buffer = io.BytesIO()
+  Image.new("RGB", (width, height), (40, 80, 200)).save(buffer, format="png")
+  return buffer.getvalue()
 
 
 def accumulator(directory):
@@ -66,19 +66,36 @@ def rows(path) -> list[dict]:
 
 
 def run_reporter(workdir, steps, *, start_step=0, scale=1.0):
-  reporter = reporting.Reporter(workdir, writes=True, total_steps=max(steps),
+  reporter = Workdir(workdir).open_metrics(writes=True, total_steps=max(steps),
                                 start_step=start_step)
   for step in steps:
     reporter.scalars(step, {"train_loss": scale / step, "lr": 0.1})
   reporter.close()
 
 
+def event_files(directory) -> list[pathlib.Path]:
+  return sorted(pathlib.Path(directory).glob("events.out.tfevents.*"))
+
+
+def records(path) -> list:
+  """The Event protobufs of one event file, in order."""
+  from tensorboard.compat.proto import event_pb2
+  data, offset, events = pathlib.Path(path).read_bytes(), 0, []
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    events.append(event_pb2.Event.FromString(
+        data[offset + 12:offset + 12 + length]))
+    offset += 16 + length
+  return events
+
+
 def test_event_file_scalars(tmp_path):
-  writer = tb_events.EventWriter(epath.Path(tmp_path))
-  writer.scalars(1, {"loss": 2.5, "accuracy": 0.25})
-  writer.scalars(2, {"loss": -1e-3})
-  writer.close()
-  (path,) = tmp_path.glob("events.out.tfevents.*")
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=2,
+                                start_step=0)
+  reporter.scalars(1, {"loss": 2.5, "accuracy": 0.25})
+  reporter.scalars(2, {"loss": -1e-3})
+  reporter.close()
+  (path,) = event_files(tmp_path)
   name = path.name.split(".")
   assert name[3].isdigit() and name[-2] == str(os.getpid())
   assert board_scalars(tmp_path, "loss") == {1: 2.5,
@@ -91,51 +108,49 @@ def test_event_file_scalars(tmp_path):
 
 
 def test_event_file_image(tmp_path):
-  writer = tb_events.EventWriter(epath.Path(tmp_path))
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=2,
+                                start_step=0)
   png = tiny_png(3, 4)
-  writer.image(2, "confusion", png, height=3, width=4)
-  writer.scalars(2, {"loss": 1.0})
-  writer.close()
+  reporter.image(2, "confusion", png)
+  reporter.scalars(2, {"loss": 1.0})
+  reporter.close()
   (image,) = accumulator(tmp_path).Images("confusion")
   assert (image.step, image.height, image.width) == (2, 3, 4)
   assert image.encoded_image_string == png
   assert board_scalars(tmp_path, "loss") == {2: 1.0}
 
 
-def test_first_record_is_the_file_version(tmp_path):
-  from tensorboard.compat.proto import event_pb2
-  writer = tb_events.EventWriter(epath.Path(tmp_path))
-  writer.scalars(5, {"x": 1.0})
-  writer.close()
-  data = next(tmp_path.glob("events.out.tfevents.*")).read_bytes()
-  (length,) = struct.unpack("<Q", data[:8])
-  event = event_pb2.Event.FromString(data[12:12 + length])
-  assert event.file_version == "brain.Event:2"
+def test_event_file_starts_with_version_then_restart_marker(tmp_path):
+  """TensorBoard purges on a restart only in files of version 2."""
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=9,
+                                start_step=4)
+  reporter.scalars(5, {"x": 1.0})
+  reporter.close()
+  (path,) = event_files(tmp_path)
+  first, marker, scalars = records(path)
+  assert first.file_version == "brain.Event:2"
+  assert (marker.step, marker.session_log.status) == (5, 1)  # START
+  assert (scalars.step, scalars.summary.value[0].tag) == (5, "x")
 
 
-def test_crc32c_known_value():
-  # The check value of CRC-32C (RFC 3720).
-  assert tb_events.crc32c(b"123456789") == 0xE3069283
-
-
-def test_importing_writes_without_tensorflow(tmp_path):
-  """An accelerator image without TensorFlow, TensorBoard or google-crc32c
-  writes event files TensorBoard reads (its reader checks the CRCs)."""
+def test_writes_without_tensorflow(tmp_path):
+  """As on an accelerator image (accelerator_image.py), and without
+  TensorBoard either: the event files are written, and TensorBoard reads
+  them (its reader checks the CRCs)."""
   script = textwrap.dedent(f"""
       import sys
-      BLOCKED = ("tensorflow", "tensorboard", "google_crc32c")
-      class Block:
-        def find_spec(self, name, path=None, target=None):
-          if name.split(".")[0] in BLOCKED:
-            raise ImportError("blocked: " + name)
-      sys.meta_path.insert(0, Block())
-      from etils import epath
-      from mnist_resnet.training import tb_events
-      w = tb_events.EventWriter(epath.Path({str(tmp_path)!r}))
-      w.scalars(7, {{"loss": 0.5}})
-      w.image(7, "img", b"not-a-png", height=1, width=1)
-      w.close()
-      loaded = [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+      from tests import accelerator_image
+      BLOCKED = accelerator_image.BLOCKED + ("tensorboard",)
+      accelerator_image.BLOCKED = BLOCKED
+      sys.meta_path.insert(0, accelerator_image.AcceleratorImage())
+      from mnist_resnet.workdir.workdir import Workdir
+      r = Workdir({str(tmp_path)!r}).open_metrics(writes=True, total_steps=7,
+                             start_step=0)
+      r.scalars(7, {{"loss": 0.5}})
+      r.image(7, "img", {tiny_png(2, 2)!r})
+      r.close()
+      loaded = [m for m in sys.modules
+                if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
       assert not loaded, loaded
   """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT,
@@ -143,32 +158,40 @@ def test_importing_writes_without_tensorflow(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert board_scalars(tmp_path, "loss") == {7: 0.5}
   assert accumulator(tmp_path).Images("img")[0].encoded_image_string == (
-      b"not-a-png")
+      tiny_png(2, 2))
 
 
 def test_rollover_starts_a_new_file(tmp_path, monkeypatch):
-  monkeypatch.setattr(tb_events, "ROLLOVER_BYTES", 2000)
-  writer = tb_events.EventWriter(epath.Path(tmp_path))
+  """Each flush rewrites the current file whole: past ROLLOVER_BYTES the
+  next events go to a new one, and TensorBoard reads them all."""
+  monkeypatch.setattr(metrics_lib, "ROLLOVER_BYTES", 2000)
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=100,
+                                start_step=0)
   for step in range(1, 101):
-    writer.scalars(step, {"loss": float(step)})
-    writer.flush()
-  writer.close()
-  files = list(tmp_path.glob("events.out.tfevents.*"))
-  # About 80 bytes a step: a file closes at the first flush past 2000.
-  assert len(files) >= 3
-  assert all(f.stat().st_size < 2100 for f in files)
+    reporter.scalars(step, {"loss": float(step)})
+    reporter.flush()
+  reporter.close()
+  paths = event_files(tmp_path)
+  # About 50 bytes a step: a file closes at the first flush past 2000.
+  assert len(paths) >= 3
+  assert all(p.stat().st_size < 2100 for p in paths)
   assert board_scalars(tmp_path, "loss") == {s: s for s in range(1, 101)}
 
 
-def test_later_files_sort_after_earlier_ones(tmp_path):
-  """TensorBoard reads files in name order; a restart marker only drops
-  what it read before. Writers started within one second keep that order."""
-  paths = []
-  for _ in range(12):
-    writer = tb_events.EventWriter(epath.Path(tmp_path))
-    paths.append(writer.path.name)
-    writer.close()
-  assert sorted(paths) == paths and len(set(paths)) == 12
+def test_resumes_within_one_second_keep_their_order(tmp_path):
+  """TensorBoard reads files in name order, and a restart marker only drops
+  what it read before: twelve resumes in a row (one process, likely one
+  second), each from the step before the last run's, show each step once,
+  with the value of the last run that logged it."""
+  for run in range(12):
+    reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=12,
+                                  start_step=run)
+    for step in range(run + 1, 13):
+      reporter.scalars(step, {"loss": 100.0 * run + step})
+    reporter.close()
+  assert len(event_files(tmp_path)) == 12
+  assert board_scalars(tmp_path, "loss") == {
+      s: 100.0 * (s - 1) + s for s in range(1, 13)}
 
 
 def test_reporter_writes_metrics_and_tensorboard(tmp_path):
@@ -198,14 +221,15 @@ def test_resume_from_older_checkpoint_never_repeats_a_step(tmp_path):
 
 def test_resume_before_any_new_log_still_truncates(tmp_path):
   run_reporter(tmp_path, [10, 20, 30])
-  reporting.Reporter(tmp_path, writes=True, total_steps=30,
+  Workdir(tmp_path).open_metrics(writes=True, total_steps=30,
                      start_step=10).close()
   assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [10]
+  assert board_scalars(tmp_path, "train_loss") == {10: pytest.approx(0.1)}
 
 
 def test_writes_are_spaced_out_until_flush(tmp_path, monkeypatch):
-  monkeypatch.setattr(reporting, "WRITE_INTERVAL_S", 3600.0)
-  reporter = reporting.Reporter(tmp_path, writes=True, total_steps=3,
+  monkeypatch.setattr(metrics_lib, "WRITE_INTERVAL_S", 3600.0)
+  reporter = Workdir(tmp_path).open_metrics(writes=True, total_steps=3,
                                 start_step=0)
   reporter.scalars(1, {"loss": 1.0})   # The first write is at once.
   reporter.scalars(2, {"loss": 2.0})
@@ -219,13 +243,15 @@ def test_writes_are_spaced_out_until_flush(tmp_path, monkeypatch):
   assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_only_the_writing_process_writes(tmp_path):
-  reporter = reporting.Reporter(tmp_path / "run", writes=False,
+def test_only_the_writing_process_writes(tmp_path, monkeypatch):
+  monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+  reporter = Workdir(tmp_path / "run").open_metrics(writes=False,
                                 total_steps=1, start_step=0)
   reporter.scalars(1, {"loss": 1.0})
+  reporter.image(1, "picture", tiny_png(2, 2))
   reporter.flush()
   reporter.close()
-  assert not (tmp_path / "run").exists()
+  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
@@ -245,12 +271,42 @@ def no_local_writes(tmp_path, monkeypatch):
   yield check
 
 
+def test_a_failed_write_reaches_the_caller(tmp_path, monkeypatch,
+                                           no_local_writes):
+  """A full disk when the event file is copied into the workdir: the error
+  names that file (one line for the user, files.write_failure) and reaches
+  the caller of flush()/close(); close() removes the local file even so."""
+  write_atomic = rundir.write_atomic
+
+  def full_disk(path, data):
+    if path.name.startswith("events."):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+    write_atomic(path, data)
+  monkeypatch.setattr(rundir, "write_atomic", full_disk)
+  reporter = Workdir(tmp_path / "run").open_metrics(writes=True, total_steps=2,
+                                start_step=0)
+  with pytest.raises(OSError) as raised:
+    reporter.scalars(1, {"loss": 1.0})  # The first write is at once.
+  assert str(files.write_failure(raised.value)).startswith(
+      f"cannot write {tmp_path}/run/events.out.tfevents.")
+  with pytest.raises(OSError):
+    reporter.close()
+  no_local_writes()
+  assert not event_files(tmp_path / "run")
+
+
 def test_reporter_on_a_bucket_writes_nothing_locally(gcs_server, gcs_bucket,
                                                      no_local_writes,
                                                      tmp_path):
   workdir = f"{gcs_bucket}/run"
   run_reporter(workdir, [10, 20, 30, 40])
-  run_reporter(workdir, [30, 40], start_step=20, scale=5.0)
+  reporter = Workdir(workdir).open_metrics(writes=True, total_steps=40,
+                                start_step=20)
+  for step in (30, 40):
+    reporter.scalars(step, {"train_loss": 5.0 / step, "lr": 0.1})
+  png = tiny_png(5, 7)
+  reporter.image(40, "confusion", png)
+  reporter.close()
   no_local_writes()
   bucket = gcs_bucket[len("gs://"):]
   names = gcs_server.list_objects(bucket)
@@ -267,11 +323,14 @@ def test_reporter_on_a_bucket_writes_nothing_locally(gcs_server, gcs_bucket,
         epath.Path(f"{gcs_bucket}/{name}").read_bytes())
   assert board_scalars(copy, "train_loss") == pytest.approx(
       {10: 1 / 10, 20: 1 / 20, 30: 5 / 30, 40: 5 / 40})
+  (image,) = accumulator(copy).Images("confusion")
+  assert (image.step, image.width, image.height) == (40, 7, 5)
+  assert image.encoded_image_string == png
 
 
 def test_profile_to_a_bucket_goes_through_a_local_temporary(
     gcs_server, gcs_bucket, no_local_writes):
-  profile = reporting.ProfileWindow(f"{gcs_bucket}/run/profile", num_steps=1,
+  profile = progress.ProfileWindow(f"{gcs_bucket}/run/profile", num_steps=1,
                                     start_step=0, total_steps=2)
   x = jnp.ones((8, 8))
   for step in (1, 2):

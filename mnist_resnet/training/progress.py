@@ -1,170 +1,31 @@
-"""What the loop tells the world: metrics, throughput and profiles.
-
-`Reporter` writes scalars to TensorBoard, metrics.jsonl and the console. Only
-one process writes (process 0 of a multi-host run); the others log to the
-console only. On an interactive terminal a progress bar shows the step;
-otherwise (batch jobs, CI) plain log lines do.
-
-`TrainLog` takes each step's metrics while they are still on the device and
-fetches them one logged step late, so the host never waits for the step it
-just dispatched. `ProfileWindow` traces a few steps once the loop is warm.
+"""The loop's progress: train metrics fetched one logged step late (so the
+host never waits for the step it just dispatched), checked finite, logged
+with the loop's throughput; and a profile of a few steps once the loop is
+warm.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
-import struct
-import sys
 import tempfile
 import time
 from typing import Any
 from typing import Iterator
 from typing import Mapping
 
-from absl import logging
 from etils import epath
 import jax
 import numpy as np
 
 from mnist_resnet.core.errors import Diverged
-from mnist_resnet.training import tb_events
+from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
 
 # A profile starts this many steps after the run (re)starts, or halfway
 # through a shorter run: compiling and the first steps are not steady state.
 PROFILE_START_AFTER = 10
-
-# metrics.jsonl and the event file are rewritten whole at most this often
-# while steps are logged: Cloud Storage takes about one write per second to
-# an object, and each rewrite costs the file's size. The same policy holds
-# for local files (one code path); what it delays is at most the rows after
-# the latest checkpoint, which a resume drops anyway (flush() at each save).
-WRITE_INTERVAL_S = 10.0
-
-
-class Reporter:
-  """Writes scalars for one run. Create one per process; only `writes` do.
-
-  metrics.jsonl starts as the rows of steps <= `start_step` that the workdir
-  already holds (a resume from an older checkpoint trains the later steps
-  again, and must not repeat them), and is written whole, like the event
-  file: object stores cannot append. Both are written at most every
-  WRITE_INTERVAL_S, and on `flush()` (the loop calls it at each checkpoint)
-  and `close()`.
-  """
-
-  def __init__(self, workdir: str | os.PathLike, *, writes: bool,
-               total_steps: int, start_step: int):
-    self.writes = writes
-    self._bar = None
-    self._events = None
-    self._rows: list[str] = []
-    self._dirty = False
-    self._last_write = -math.inf
-    if writes:
-      path = rundir.workdir_path(workdir)
-      self._jsonl = path / "metrics.jsonl"
-      self._rows, self._dirty = _rows_upto(self._jsonl, start_step)
-      self._events = tb_events.EventWriter(path)
-      # TensorBoard's event reader (purge_orphaned_data, on by default)
-      # then drops what older event files say about the steps this run
-      # trains again.
-      self._events.restart(start_step + 1)
-      if sys.stderr.isatty():
-        import tqdm  # pylint: disable=g-import-not-at-top
-        self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
-                              unit="step", dynamic_ncols=True)
-
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    """Records one logged step: TensorBoard, one JSON line, one log line."""
-    values = {k: float(v) for k, v in values.items()}
-    if self._events is not None:
-      self._rows.append(json.dumps({"step": step, **values}) + "\n")
-      self._events.scalars(step, values)
-      self._dirty = True
-      if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
-        self.flush()
-    text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-    if self._bar is not None:
-      self._bar.write(f"step {step}: {text}")
-    else:
-      logging.info("step %d: %s", step, text)
-
-  def image(self, step: int, tag: str, png_bytes: bytes) -> None:
-    """Records a PNG picture (a confusion matrix) for TensorBoard's images
-    tab; it reaches the event file as scalars do."""
-    if self._events is None:
-      return
-    width, height, channels = _png_shape(png_bytes)
-    self._events.image(step, tag, png_bytes, height, width,
-                       channels=channels)
-    self._dirty = True
-    if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
-      self.flush()
-
-  def flush(self) -> None:
-    """Writes metrics.jsonl and the event file, if anything is new."""
-    if self._events is None or not self._dirty:
-      return
-    rundir.write_atomic(self._jsonl, "".join(self._rows))
-    self._events.flush()
-    self._dirty = False
-    self._last_write = time.monotonic()
-
-  def progress(self, step: int) -> None:
-    if self._bar is not None:
-      self._bar.n = step
-      self._bar.refresh()
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-    self.flush()
-    if self._events is not None:
-      self._events.close()
-      self._events = None
-
-
-def _rows_upto(path: epath.Path, step: int) -> tuple[list[str], bool]:
-  """The lines of metrics.jsonl at `path` for steps <= `step`, and whether
-  any other line was dropped."""
-  try:
-    text = path.read_text()
-  except FileNotFoundError:
-    return [], False
-  lines = text.splitlines()
-  rows = []
-  for line in lines:
-    try:
-      row_step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-      logging.warning("%s: dropped a line that is not a metrics row: %.80r",
-                      path, line)
-      continue
-    if row_step <= step:
-      rows.append(line + "\n")
-  return rows, len(rows) < len(lines)
-
-
-# PNG colour type -> channels: grey, RGB, palette (RGB), grey+alpha, RGBA.
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
-
-
-def _png_shape(png: bytes) -> tuple[int, int, int]:
-  """(width, height, channels) from a PNG's IHDR chunk, which comes first."""
-  if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
-    raise ValueError("not a PNG image")
-  width, height = struct.unpack(">II", png[16:24])
-  return width, height, _PNG_CHANNELS.get(png[25], 3)
-
-
-def _fmt(v: float) -> str:
-  return f"{v:.5g}"
-
 
 def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
   """Stops the run at the first step whose loss or gradient is not finite:
@@ -188,7 +49,7 @@ class TrainLog:
   Throughput leaves out the time spent in `paused()` (evaluation).
   """
 
-  def __init__(self, reporter: Reporter, *, batch_size: int, log_every: int,
+  def __init__(self, reporter: metrics_lib.Reporter, *, batch_size: int, log_every: int,
                total_steps: int, start_step: int):
     self._reporter = reporter
     self._batch_size = batch_size

@@ -1,0 +1,200 @@
+"""`Workdir`: one run's directory, local or gs://, and everything in it.
+
+    checkpoints/<step>/         orbax checkpoints
+    set_aside/<step>.<why>/     checkpoints that failed to restore or diverged
+    config.json                 the run's config, compared on resume
+    lock.json                   who runs in this workdir (runlock.py)
+    metrics.jsonl, events.out.tfevents.*   the logged scalars
+    profile/                    jax.profiler traces
+    eval_<step>/                evaluation reports of checkpoints
+    results.json                the final record
+
+No other module builds a path inside a workdir.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from typing import Mapping
+
+from etils import epath
+
+from mnist_resnet.core import files
+from mnist_resnet.training import checkpoint as checkpoint_lib
+from mnist_resnet.workdir import metrics as metrics_lib
+from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir import runlock
+from mnist_resnet.workdir.lock_holder import Lock
+from mnist_resnet.workdir.rundir import RunDirError
+
+# Config keys that change where or how a run runs, not what it computes: a
+# resume may change them. Every other key changes the trajectory (seed,
+# model, optimizer, data, ...), and a resume that changes one is refused.
+# num_train_steps/num_epochs may grow: the run goes on from its checkpoint
+# (the learning-rate schedule is stretched to the new length).
+RESUMABLE_KEYS = frozenset({
+    "data_dir", "download", "pretrained_weights",
+    "log_every_steps", "eval_every_steps", "eval_batch_size",
+    "checkpoint_every_steps", "max_checkpoints_to_keep", "profile_steps",
+    "distributed", "coordinator_address", "num_processes", "process_id",
+    "num_train_steps", "num_epochs",
+    "input_pipeline", "compilation_cache_dir", "deterministic", "conv_as_dot",
+})
+
+# Every config key added after a workdir could first be written, with the
+# value that reproduces how runs behaved before it existed: an older
+# config.json is read through it, so a new key never makes an older run
+# refuse to resume or to load. A key added to configs/default.py is added
+# here too (tests/test_workdir.py fails until it is).
+ADDED_KEYS = {
+    "distributed": False, "coordinator_address": "", "num_processes": -1,
+    "process_id": -1,
+    "validation_examples": 0,
+    "compilation_cache_dir": "",
+    "deterministic": False, "input_pipeline": "tfdata",
+    "conv_as_dot": "auto",
+}
+
+
+class Workdir:
+  """One run's directory. `location` is a local path or a URL (gs://...);
+  local paths are made absolute (orbax needs it)."""
+
+  def __init__(self, location: str | os.PathLike):
+    self.location = os.fspath(location)
+    self.path = rundir.workdir_path(self.location)
+    self._lock: Lock | None = None
+    # Opened once per run by open_checkpointer / open_metrics.
+    self.checkpointer: checkpoint_lib.Checkpointer | None = None
+    self.metrics: metrics_lib.Reporter | None = None
+
+  def __str__(self) -> str:
+    return self.location
+
+  @property
+  def is_remote(self) -> bool:
+    return files.is_remote(self.location)
+
+  # --- Where each file lives ---------------------------------------------
+
+  @property
+  def checkpoint_dir(self) -> epath.Path:
+    return self.path / "checkpoints"
+
+  @property
+  def set_aside_dir(self) -> epath.Path:
+    return self.path / "set_aside"
+
+  @property
+  def profile_dir(self) -> epath.Path:
+    return self.path / "profile"
+
+  @property
+  def config_file(self) -> epath.Path:
+    return self.path / "config.json"
+
+  @property
+  def results_file(self) -> epath.Path:
+    return self.path / "results.json"
+
+  @property
+  def metrics_file(self) -> epath.Path:
+    return self.path / "metrics.jsonl"
+
+  def eval_dir(self, step: int) -> epath.Path:
+    """Where the evaluation report of checkpoint `step` goes by default."""
+    return self.path / f"eval_{step}"
+
+  # --- The saved config ---------------------------------------------------
+
+  def saved_config(self) -> dict[str, Any] | None:
+    """config.json, with the keys added since it was written at their
+    ADDED_KEYS values; None if there is none."""
+    saved = rundir.read_json(self.config_file)
+    if saved is None:
+      return None
+    if not isinstance(saved, dict) or "model" not in saved:
+      raise RunDirError(f"{self.config_file} is not a training config")
+    return {**ADDED_KEYS, **saved}
+
+  def check_resume_config(self, config: Mapping[str, Any]) -> None:
+    """Refuses a config that would change the trajectory of the saved run."""
+    saved = self.saved_config()
+    if saved is None:
+      return
+    current = rundir.as_json(config)
+    missing = object()
+    changed = [
+        f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
+        .replace(repr(missing), "(unset)")
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUMABLE_KEYS and saved.get(k, missing) != current.get(
+            k, missing)]
+    if changed:
+      raise RunDirError(
+          f"{self.config_file} holds another run: {'; '.join(changed)}; "
+          "rerun with the saved values or use a new workdir")
+
+  def save_config(self, config: Mapping[str, Any]) -> None:
+    rundir.write_atomic(self.config_file, rundir.to_json(config))
+
+  # --- Results ------------------------------------------------------------
+
+  def results(self) -> dict[str, Any] | None:
+    """results.json, None if the run has not written it."""
+    return rundir.read_json(self.results_file)
+
+  def write_results(self, results: Mapping[str, Any]) -> epath.Path:
+    rundir.write_atomic(self.results_file, rundir.to_json(results))
+    return self.results_file
+
+  # --- The lock -----------------------------------------------------------
+
+  def take_lock(self) -> Lock:
+    """Takes the workdir's lock (one run at a time) or raises RunDirError
+    naming the holder; `release_lock` gives it back."""
+    self._lock = runlock.acquire(self.location)
+    return self._lock
+
+  def check_lock(self) -> None:
+    """Raises RunDirError once another run has taken the workdir over
+    (nothing to check where this process holds no lock)."""
+    if self._lock is not None:
+      self._lock.check()
+
+  def release_lock(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+
+  # --- What the run writes through -----------------------------------------
+
+  def open_checkpointer(self, *, max_to_keep: int, keep_best: bool,
+                        read_only: bool = False
+                        ) -> checkpoint_lib.Checkpointer:
+    """The run's checkpoints (`read_only` for tools that read a workdir a
+    run may still be writing); `close` closes it."""
+    if not read_only:
+      rundir.check_is_directory(self.checkpoint_dir)
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        self.checkpoint_dir, max_to_keep=max_to_keep, keep_best=keep_best,
+        read_only=read_only)
+    return self.checkpointer
+
+  def open_metrics(self, *, writes: bool, total_steps: int,
+                   start_step: int) -> metrics_lib.Reporter:
+    """The run's scalars and images (metrics.jsonl, TensorBoard); only the
+    process that `writes` writes files."""
+    self.metrics = metrics_lib.Reporter(
+        self.metrics_file, self.path, writes=writes, total_steps=total_steps,
+        start_step=start_step)
+    return self.metrics
+
+  def close(self) -> None:
+    """Closes the metrics (written whole), then the checkpointer."""
+    if self.metrics is not None:
+      self.metrics.close()
+      self.metrics = None
+    if self.checkpointer is not None:
+      self.checkpointer.close()
+      self.checkpointer = None
