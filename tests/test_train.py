@@ -193,7 +193,7 @@ def assert_same_training(workdir_a, workdir_b, mnist_dir):
   """Same per-step losses, test accuracy (to rounding) and parameter
   updates (to 1e-2; a wrong global batch changes them by O(1))."""
   from configs import smoke
-  from mnist_resnet.training import checkpoint as checkpoint_lib
+  from mnist_resnet.workdir import checkpoints as checkpoint_lib
   a, b = results(workdir_a), results(workdir_b)
   np.testing.assert_allclose(train_losses(workdir_b), train_losses(workdir_a),
                              rtol=1e-3)
@@ -363,8 +363,8 @@ def test_best_checkpoint_is_chosen_on_held_out_validation(mnist_dir,
 
 def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
   from configs import frozen_backbone
-  from mnist_resnet.training import checkpoint as checkpoint_lib
   from mnist_resnet.training import train
+  from mnist_resnet.workdir import checkpoints as checkpoint_lib
 
   config = frozen_backbone.get_config()
   config.model = "resnet_tiny"
@@ -488,7 +488,7 @@ def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
   """Three steps of the main job from a Keras file: the whole network
   trains (backbone and head move) and the BatchNorm statistics follow
   MNIST's."""
-  from mnist_resnet.training import checkpoint as checkpoint_lib
+  from mnist_resnet.workdir import checkpoints as checkpoint_lib
   path, keras_values = keras_weights
   args = (f"--config.pretrained_weights={path}", "--config.batch_size=32",
           "--config.num_train_steps=3", "--config.log_every_steps=1",

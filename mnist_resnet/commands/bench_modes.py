@@ -233,15 +233,14 @@ def benchmark_train(config: ml_collections.ConfigDict,
     bare = copy.deepcopy(run)
     bare.input_pipeline = "tfdata"
     _, info = bench_record.compile_step(
-        program_lib.build_program(bare, mnist.TRAIN_EXAMPLES),
-                            bare)
+        program_lib.build_program(bare, mnist.TRAIN_EXAMPLES), bare)
   clock = bench_record.ReadyClock()
   with tempfile.TemporaryDirectory(prefix="benchmark_train_") as tmp:
     workdir = tmp
     if config.profile_dir:
       workdir = os.path.join(str(config.profile_dir), _run_name("train", run))
     try:
-      train.train_and_evaluate(run, workdir, on_step=clock)
+      results = train.train_and_evaluate(run, workdir, on_step=clock)
     finally:
       ready = clock.close()
   times = bench_record.step_seconds(ready, warmup, steps)
@@ -255,6 +254,8 @@ def benchmark_train(config: ml_collections.ConfigDict,
   result["checkpoints_in_timed_steps"] = sum(
       1 for s in range(warmup, last)
       if s % int(run.checkpoint_every_steps) == 0)
+  result["checkpoint_blocking_seconds"] = results.get(
+      "checkpoint_blocking_seconds")
   return result
 
 

@@ -23,12 +23,12 @@ from mnist_resnet.core.errors import TrainingError
 from mnist_resnet.data import input_pipeline
 from mnist_resnet.data import mnist
 from mnist_resnet.data import order
-from mnist_resnet.training import checkpoint as checkpoint_lib
 from mnist_resnet.training import evaluator as evaluator_lib
 from mnist_resnet.training import preemption
 from mnist_resnet.training import program as program_lib
 from mnist_resnet.training import progress
 from mnist_resnet.training import steps
+from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir.workdir import Workdir
 
 # Called right after each train step is dispatched, metrics still on device.

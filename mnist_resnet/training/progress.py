@@ -19,6 +19,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from mnist_resnet.core import files
 from mnist_resnet.core.errors import Diverged
 from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
@@ -137,7 +138,7 @@ class ProfileWindow:
 
   def before_step(self, step: int) -> None:
     if step == self._first:
-      if rundir.is_remote(self._directory):
+      if files.is_remote(self._directory):
         self._local = tempfile.mkdtemp(prefix="mnist_resnet_profile_")
       else:
         self._local = os.fspath(self._directory)
@@ -153,7 +154,7 @@ class ProfileWindow:
       return
     local, self._local = self._local, None
     jax.profiler.stop_trace()
-    if rundir.is_remote(self._directory):
+    if files.is_remote(self._directory):
       try:
         _copy_tree(local, self._directory)
       finally:

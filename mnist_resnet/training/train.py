@@ -115,11 +115,12 @@ def report_pictures(config: ml_collections.ConfigDict, workdir: Workdir,
   workdir.metrics.image(step, report_lib.CONFUSION_TAG, report.confusion_png)
 
 
-def final_results(config: ml_collections.ConfigDict, total_steps: int,
-                  end: loop_lib.LoopEnd, *, start: int,
+def final_results(config: ml_collections.ConfigDict, workdir: Workdir,
+                  total_steps: int, end: loop_lib.LoopEnd, *, start: int,
                   resumed_from: int | None,
                   best: Mapping[str, Any]) -> dict[str, Any]:
   """The record written to results.json."""
+  blocking, saves = workdir.checkpointer.median_blocking_seconds()
   return {
       "step": total_steps,
       **end.eval_results,
@@ -128,6 +129,9 @@ def final_results(config: ml_collections.ConfigDict, total_steps: int,
       "params_sha256": steps.params_sha256(end.state.params),
       **end.train_totals,
       "steps_run": total_steps - start,
+      # What a save costs the loop's thread: median over this run's saves.
+      "checkpoint_blocking_seconds": blocking,
+      "checkpoints_saved": saves,
       "resumed_from": resumed_from,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
@@ -215,8 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               on_step)
     best = best_results(run, program, data, end)
     report_pictures(config, run, program, end, splits["test"])
-  results = final_results(config, program.total_steps, end, start=start,
-                          resumed_from=resumed_from, best=best)
+    results = final_results(config, run, program.total_steps, end,
+                            start=start, resumed_from=resumed_from, best=best)
   if jax.process_index() == 0:
     run.write_results(results)
   logging.info("step %d: test_accuracy=%.4f test_loss=%.4f (%d examples)",

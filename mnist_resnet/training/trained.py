@@ -23,11 +23,11 @@ from mnist_resnet.core import parallel
 from mnist_resnet.data import mnist
 from mnist_resnet.model import preprocess
 from mnist_resnet.model import resnet
-from mnist_resnet.training import checkpoint as checkpoint_lib
 from mnist_resnet.training import program as program_lib
 from mnist_resnet.training import steps
-from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir.rundir import RunDirError
+from mnist_resnet.workdir.workdir import Workdir
 
 # Examples per device call when predicting many images.
 PREDICT_BATCH_SIZE = 1000
@@ -89,11 +89,12 @@ class TrainedModel:
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config a workdir's run was started with (its config.json)."""
-  saved = rundir.read_saved_config(workdir)
+  run = Workdir(workdir)
+  saved = run.saved_config()
   if saved is None:
-    if not rundir.workdir_path(workdir).exists():
+    if not run.path.exists():
       raise RunDirError(f"{workdir}: no such workdir")
-    raise RunDirError(f"{rundir.config_path(workdir)} is missing: {workdir} "
+    raise RunDirError(f"{run.config_file} is missing: {workdir} "
                       "holds no training run (train.py writes it when a run "
                       "starts)")
   # JSON has no tuples; the config's sequences (hidden_units) are tuples.
@@ -134,31 +135,54 @@ def load(workdir: str | os.PathLike, step: str | int = "latest"
          ) -> TrainedModel:
   """The model of checkpoint `step` ('latest', 'best' or a number) of the
   run in `workdir`, on every device present. Builds the model and the
-  state's shapes, never a train step."""
+  shapes of what it restores, never a train step."""
   workdir = str(workdir)
   config = read_config(workdir)
-  ckpt = checkpoint_lib.Checkpointer(
-      rundir.checkpoint_dir(workdir),
+  ckpt = Workdir(workdir).open_checkpointer(
       max_to_keep=max(1, int(config.max_checkpoints_to_keep)),
       keep_best=int(config.validation_examples) > 0, read_only=True)
   mesh = parallel.create_mesh()
   model = program_lib.create_model(config)
   try:
     chosen = resolve_step(ckpt, step, config)
-    train_examples = mnist.TRAIN_EXAMPLES - int(config.validation_examples)
-    _, tx, groups = program_lib.create_optimizer(
-        config, program_lib.total_train_steps(config, train_examples))
-    target = program_lib.abstract_state(
-        mesh, program_lib.variables_initializer(config, model, mesh), tx,
-        groups, keep_ema=config.ema_decay > 0)
     try:
-      state = ckpt.restore(chosen, target)
+      params, batch_stats = _restore_eval_variables(ckpt, chosen, config,
+                                                    model, mesh)
     except checkpoint_lib.DamagedCheckpoint as e:
       raise RunDirError(f"{ckpt.directory}/{chosen} cannot be used: "
                         f"{e.reason}") from None
   finally:
     ckpt.close()
-  params, batch_stats = steps.eval_variables(state)
   return TrainedModel(workdir=workdir, step=chosen, config=config,
                       model=model, model_input=program_lib.model_input(config),
                       params=params, batch_stats=batch_stats, mesh=mesh)
+
+
+def _restore_eval_variables(ckpt: checkpoint_lib.Checkpointer, step: int,
+                            config: ml_collections.ConfigDict,
+                            model: resnet.ResNet, mesh: jax.sharding.Mesh
+                            ) -> tuple[Any, Any]:
+  """(params, batch_stats) evaluation uses, checked against their digests:
+  only the EMA pair when the run kept one, else the live pair; never the
+  optimizer state."""
+  init_variables = program_lib.variables_initializer(config, model, mesh)
+  keep_ema = config.ema_decay > 0
+  if ckpt.item_digests(step) is None:
+    # Written before per-item digests: only a whole restore can be checked
+    # (against the state's sha256), and its target needs the optimizer.
+    train_examples = mnist.TRAIN_EXAMPLES - int(config.validation_examples)
+    _, tx, groups = program_lib.create_optimizer(
+        config, program_lib.total_train_steps(config, train_examples))
+    target = program_lib.abstract_state(mesh, init_variables, tx, groups,
+                                        keep_ema=keep_ema)
+    return steps.eval_variables(ckpt.restore(step, target))
+  shapes = jax.eval_shape(init_variables)
+  rep = parallel.replicated(mesh)
+  pair = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+      {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+  if keep_ema:
+    restored = ckpt.restore_items(step, {"ema": pair})["ema"]
+  else:
+    restored = ckpt.restore_items(step, pair)
+  return restored["params"], restored["batch_stats"]

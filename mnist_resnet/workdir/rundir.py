@@ -25,7 +25,6 @@ from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-posi
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_resnet.core import files
 from mnist_resnet.core.errors import MnistResnetError
-from mnist_resnet.core.files import is_remote  # noqa: F401  (until reporting.py moves)
 
 
 class RunDirError(MnistResnetError):
@@ -38,26 +37,6 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   if files.is_remote(text):
     return epath.Path(text)
   return epath.Path(os.path.abspath(text))
-
-
-def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  return workdir_path(workdir) / "checkpoints"
-
-
-def set_aside_dir(workdir: str | os.PathLike) -> epath.Path:
-  return workdir_path(workdir) / "set_aside"
-
-
-def profile_dir(workdir: str | os.PathLike) -> epath.Path:
-  return workdir_path(workdir) / "profile"
-
-
-def results_path(workdir: str | os.PathLike) -> epath.Path:
-  return workdir_path(workdir) / "results.json"
-
-
-def config_path(workdir: str | os.PathLike) -> epath.Path:
-  return workdir_path(workdir) / "config.json"
 
 
 def write_atomic(path: epath.Path, data: str | bytes) -> None:
@@ -100,13 +79,6 @@ def to_json(record: Mapping[str, Any]) -> str:
     return value
   return json.dumps(clean(dict(record)), indent=2, default=str,
                     allow_nan=False) + "\n"
-
-
-def write_results(workdir: str | os.PathLike,
-                  results: Mapping[str, Any]) -> epath.Path:
-  path = results_path(workdir)
-  write_atomic(path, to_json(results))
-  return path
 
 
 def read_json(path: epath.Path) -> dict[str, Any] | None:
@@ -164,71 +136,6 @@ def _files_under(directory: epath.Path):
       yield item
 
 
-# Config keys that change where or how a run runs, not what it computes: a
-# resume may change them. Every other key changes the trajectory (seed,
-# model, optimizer, data, ...), and a resume that changes one is refused.
-# num_train_steps/num_epochs may grow: the run goes on from its checkpoint
-# (the learning-rate schedule is stretched to the new length).
-RESUMABLE_KEYS = frozenset({
-    "data_dir", "download", "pretrained_weights",
-    "log_every_steps", "eval_every_steps", "eval_batch_size",
-    "checkpoint_every_steps", "max_checkpoints_to_keep", "profile_steps",
-    "distributed", "coordinator_address", "num_processes", "process_id",
-    "num_train_steps", "num_epochs",
-    "input_pipeline", "compilation_cache_dir", "deterministic", "conv_as_dot",
-})
-
-
-# Every config key added after a workdir could first be written, with the
-# value that reproduces how runs behaved before it existed: an older
-# config.json is read through it, so a new key never makes an older run
-# refuse to resume or to load. A key added to configs/default.py is added
-# here too (tests/test_rundir.py fails until it is).
-ADDED_KEYS = {
-    "distributed": False, "coordinator_address": "", "num_processes": -1,
-    "process_id": -1,
-    "validation_examples": 0,
-    "compilation_cache_dir": "",
-    "deterministic": False, "input_pipeline": "tfdata",
-    "conv_as_dot": "auto",
-}
-
-
-def read_saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
-  """config.json of the run in `workdir`, with the keys added since it was
-  written at their ADDED_KEYS values; None if there is none."""
-  saved = read_json(config_path(workdir))
-  if saved is None:
-    return None
-  if not isinstance(saved, dict) or "model" not in saved:
-    raise RunDirError(f"{config_path(workdir)} is not a training config")
-  return {**ADDED_KEYS, **saved}
-
-
 def as_json(config: Mapping[str, Any]) -> dict[str, Any]:
   """`config` as strict JSON reads it back (tuples as lists, NaN as None)."""
   return json.loads(to_json(config))
-
-
-def save_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
-  write_atomic(config_path(workdir), to_json(config))
-
-
-def check_resume_config(workdir: str | os.PathLike,
-                        config: Mapping[str, Any]) -> None:
-  """Refuses a config that would change the trajectory of the saved run."""
-  saved = read_saved_config(workdir)
-  if saved is None:
-    return
-  current = as_json(config)
-  missing = object()
-  changed = [
-      f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
-      .replace(repr(missing), "(unset)")
-      for k in sorted(set(saved) | set(current))
-      if k not in RESUMABLE_KEYS and saved.get(k, missing) != current.get(
-          k, missing)]
-  if changed:
-    raise RunDirError(
-        f"{config_path(workdir)} holds another run: {'; '.join(changed)}; "
-        "rerun with the saved values or use a new workdir")

@@ -21,7 +21,7 @@ from typing import Mapping
 from etils import epath
 
 from mnist_resnet.core import files
-from mnist_resnet.training import checkpoint as checkpoint_lib
+from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
 from mnist_resnet.workdir import runlock
