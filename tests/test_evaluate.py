@@ -21,6 +21,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from mnist_resnet.commands import evaluate
+from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.core.errors import DataError
 from mnist_resnet.data import mnist
 from mnist_resnet.training import classification
@@ -237,7 +238,7 @@ def test_user_errors(case, run, no_validation_run, mnist_dir, tmp_path):
                        "12345; it holds steps 20, 40, 60",
           lambda: evaluate.evaluate(str(run), "12345", data_dir=data)),
       "step last": (
-          RunDirError, "--step='last': must be latest, best or a step number",
+          ConfigError, "--step='last': must be latest, best or a step number",
           lambda: evaluate.evaluate(str(run), "last", data_dir=data)),
       "best without validation": (
           RunDirError, f"{no_validation_run}/checkpoints has no best "

@@ -1,21 +1,11 @@
 """The benchmark's measurements: each mode is (config, shared) -> one record.
 
-  input: the training input pipeline alone, i.e. the ceiling it puts on
-    training throughput: tfdata, shuffled uint8 batches from memory to
-    numpy; device, the batch gather on the devices from the dataset there.
-  step: the jitted train step alone, the one training compiles, dispatched
-    back to back on a device-resident synthetic batch: the most the loop
-    could deliver.
-  train: the real loop of `train.train_and_evaluate` (config.input_pipeline,
-    step,
-    metric logging, asynchronous checkpoints at the configured cadence) for
-    bench_warmup_steps + bench_steps steps. The final evaluation and
-    checkpoint come after the timed steps.
-
-In step and train, a step's time is the gap between the moments its outputs
-and the previous step's became ready, seen from a side thread (ReadyClock):
-nothing waits in the dispatching thread, so the host prepares step n+1 while
-the device runs step n, as in training, and per-step times are still known.
+input times the training input pipeline alone (tf.data or the on-device
+gather), step the jitted train step alone on a device-resident synthetic
+batch, train the real loop of `train.train_and_evaluate`. In step and train
+a step's time is taken from a side thread (`bench_record.ReadyClock`), so
+nothing waits in the dispatching thread. What each mode times and records:
+docs/benchmarking.md.
 """
 
 from __future__ import annotations

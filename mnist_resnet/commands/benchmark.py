@@ -4,31 +4,9 @@
         [--config.mode=step] [--config.batch_sizes=64,128] \\
         [--config.image_sizes=32,64] [--config.profile_dir=DIR]
 
-`config.mode` names one of the modes of `bench_modes.py` (input, step,
-train), or "all" for each of them in order followed by
-{"mode": "all", "loop_efficiency": ...}, with loop_efficiency = train
-images/s / step images/s (1.0: the loop adds nothing to the step).
-
-Sweeps: config.batch_sizes and config.image_sizes (comma-separated) measure
-every combination, and config.input_pipelines (tfdata, device) runs the
-input and train modes (and the `all` summary) for each pipeline; after more
-than one combination or pipeline a readable table follows the JSON lines.
-Every JSON line starts with "{", so a script can keep those lines and skip
-the table. A user error (missing data, bad config
-value) is one `error: ...` line on stderr and exit code 2.
-
-`images_per_sec` is timed images over timed seconds (every stall counts);
-`step_ms_median` and its p10/p90 describe the per-step distribution
-(`batch_size / step_ms_median` is the median-based rate that the peer
-scripts in the project's bench directory report).
-
-FLOPs: `flops_per_step_model` is the model's count from its layers (every
-convolution and dense layer, 2 FLOPs per multiply-accumulate, training = 3 x
-forward; see flops.py), and `tflops_per_sec` and `mfu` are computed from it,
-as MLPerf and MaxText do. `flops_per_step_xla`, XLA's cost analysis of the
-compiled step, is printed beside it: it counts the program as compiled
-(elementwise ops in, padding taps out) and on GPU misses the work inside
-library calls, so it is no basis for MFU.
+Runs the modes of `bench_modes.py` over every batch size, image size and
+input pipeline asked for; a readable table follows the JSON lines when there
+is more than one. Keys, fields and FLOP counts: docs/benchmarking.md.
 """
 
 from __future__ import annotations

@@ -3,15 +3,9 @@
     python -m mnist_resnet.convert --keras_weights=PATH|imagenet --out=DIR \\
         [--model=resnet50] [--verify]
 
-The checkpoint holds {'params': {'backbone': ...}, 'batch_stats':
-{'backbone': ...}}: the backbone only, because Keras's notop files have no
-head that fits an MNIST classifier. Training takes DIR as
-`--config.pretrained_weights` (`pretrained.load_backbone`).
-
-`--verify` loads the same file into Keras's own ResNet and compares its
-pooled features with the restored checkpoint's (`keras_parity.verify`). The
-last stdout line is then JSON; the exit code is 1 when the relative
-difference exceeds `keras_parity.VERIFY_TOLERANCE` (1e-5).
+Training starts from DIR with `--config.pretrained_weights=DIR`
+(`pretrained.load_backbone`); `--verify` checks the result against Keras's
+own model (`keras_parity.verify`): docs/training.md#pretrained-weights.
 """
 
 import argparse

@@ -3,40 +3,10 @@
     python -m mnist_resnet.evaluate --workdir=DIR [--step=latest|best|N] \\
         [--data_dir=DIR] [--download] [--out=DIR]
 
-Restores one checkpoint of the run in DIR onto the devices present
-(`trained.load`), predicts every one of the 10,000 test digits once and
-writes into --out:
-
-    eval.json      step, accuracy, loss, per-class accuracy, confusion
-                   matrix, most frequent confusions, calibration
-    confusion.png  the confusion matrix: counts and row-normalised
-    errors.png     the misclassified digits, most confident mistakes first
-    curves.png     loss, accuracy and learning rate against step, from the
-                   run's metrics.jsonl (skipped, with a warning, without one)
-
---out defaults to DIR/eval_<step>: each evaluated checkpoint keeps its own
-report (evaluating step 20 does not overwrite the best one's), and a second
-evaluation of the same checkpoint (--step=best and --step=latest may name
-the same one) rewrites the same files with the same content. The run's own
-files are left untouched, so a run may still be training in DIR.
---data_dir defaults to the run's config.data_dir; nothing is downloaded
-unless --download is given.
-
-Numbers (`metrics_from_logits`): `loss` is the mean softmax cross-entropy
-of the logits (no label smoothing), `accuracy` counts the arg-max. The
-confusion matrix has the true class in rows and the predicted class in
-columns. `expected_calibration_error` is the standard ECE (Guo et al., 2017)
-over ECE_BINS = 15 equal-width bins of the confidence (the top softmax
-probability), bin m holding confidences in ((m-1)/15, m/15]: the sum over
-bins of (examples in bin / examples) * |accuracy in bin - mean confidence in
-bin|. `calibration_bins` lists those bins.
-
-A user error (missing workdir or data, no checkpoint, a bad --step) is one
-`error: ...` line on stderr and exit code 2. TensorFlow is never imported.
-
-A training run calls `report` at its end, with the model and split it
-already holds; `report` returns the record and confusion.png's bytes, for
-TensorBoard (`reporting.Reporter.image`, tag CONFUSION_TAG).
+Restores one checkpoint of the run in DIR (`trained.load`), predicts each of
+the 10,000 test digits once and writes eval.json, confusion.png, errors.png
+and curves.png into --out (default DIR/eval_<step>), leaving the run's own
+files untouched. What each holds: docs/trained_model.md#evaluate-a-checkpoint.
 """
 
 from __future__ import annotations
@@ -63,6 +33,7 @@ def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
   (raises MnistResnetError)."""
   # The config and the data files first: a missing one is reported before
   # anything is restored or compiled.
+  trained_lib.parse_step(step)
   config = trained_lib.read_config(workdir)
   data_dir = data_dir or config.get("data_dir", "")
   if not data_dir:

@@ -4,24 +4,9 @@
         --out=DIR [--formats=jax_export,saved_model] \\
         [--platforms=cpu,cuda,tpu]
 
-The exported function is the model with its preprocessing: uint8 digits
-[batch, 28, 28] (0-255, as in the MNIST files) -> float32 class
-probabilities [batch, 10], for any batch size of 1 or more. The weights are
-constants inside it. `--out` is a new (or empty) directory that receives:
-
-  model.jax_export  `jax.export` serialization (StableHLO, with JAX's
-                    compatibility guarantees), lowered for every platform of
-                    --platforms; `jax.export.deserialize` reads it back, with
-                    no Flax and no code of this project.
-  saved_model/      a TensorFlow SavedModel of the same function (jax2tf),
-                    signature `serving_default`: images -> probabilities.
-  export.json       what was exported: run, step, input and output, platforms,
-                    versions, and the sha256 of every file.
-
-TensorFlow is imported for the SavedModel only. The files are written in a
-hidden directory and moved into `--out` once complete: an interrupted export
-leaves no half-written files there. A bad workdir, step or --out, or a
-failed write, is one `error: ...` line and exit code 2.
+The model with its preprocessing and weights, uint8 digits [batch, 28, 28]
+-> float32 probabilities [batch, 10], as a `jax.export` artifact and a
+TensorFlow SavedModel: docs/trained_model.md#export-for-serving.
 """
 
 from __future__ import annotations
@@ -295,6 +280,7 @@ def main(argv: list[str]) -> None:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   with cli.user_errors():
+    trained.parse_step(f.step)
     formats = _choices(f.formats, FORMATS, "formats")
     platforms = _choices(f.platforms, KNOWN_PLATFORMS, "platforms")
     check_tensorflow(formats)

@@ -3,25 +3,9 @@
     python -m mnist_resnet.predict --workdir=DIR [--step=latest|best|N] \\
         [--save_preprocessed=DIR] FILE...
 
-FILE is an image Pillow reads (PNG, JPEG, ...: any size, any colour mode,
-transparency and 16-bit grey included) or an MNIST idx file of uint8
-[N, 28, 28] images (`*-idx3-ubyte`, raw or `.gz`), which gives one prediction
-per image in it.
-
-An image is brought into MNIST's form the way the dataset was made (LeCun et
-al.): grey, a light digit on a black ground (inverted when the ground is
-light), cropped to the ink's bounding box, scaled with anti-aliasing so its
-larger side is 20 pixels, and placed in a 28x28 field with its centre of mass
-at the centre. Images in an idx file are in that form already and go to the
-model as they are.
-
-stdout: one JSON line per image, in the order given:
-{"file": FILE, "index": i (idx files only), "digit": d, "probabilities":
-[10 floats]} (plus "preprocessed": PATH with --save_preprocessed, the 28x28
-PNG the model saw). A file that cannot be read, or an image with no digit
-in it, is one `error: FILE: ...` line on stderr; the other files are still
-predicted and the exit code is 2. A bad flag, workdir or step, or a file
-that does not exist, is one line and exit code 2 before any work.
+FILE is an image Pillow reads or an MNIST idx file of uint8 [N, 28, 28]
+images. Each image is brought into MNIST's form (`digits.py`); stdout gets
+one JSON line per image. docs/trained_model.md#predict-your-own-digits.
 """
 
 from __future__ import annotations
@@ -58,15 +42,6 @@ flags.mark_flag_as_required("workdir")
 
 # --------------------------------------------------------------------------
 # Arguments
-
-
-def check_step(step: str) -> str:
-  """'latest', 'best' or a step number; anything else is a ConfigError."""
-  step = step.strip()
-  if step not in ("latest", "best") and not step.isdigit():
-    raise ConfigError(f"--step={step!r}: must be latest, best or a step "
-                      "number")
-  return step
 
 
 def check_files(paths: Sequence[str]) -> None:
@@ -125,7 +100,7 @@ def main(argv: list[str]) -> None:
   paths = argv[1:]
   save_dir = _SAVE_PREPROCESSED.value
   with cli.user_errors():
-    step = check_step(_STEP.value)
+    step = trained.parse_step(_STEP.value)
     check_files(paths)
     if save_dir:
       files.check_writable_dir(save_dir, f"--save_preprocessed={save_dir}")

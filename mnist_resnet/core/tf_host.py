@@ -1,7 +1,9 @@
 """TensorFlow and Keras for host-side work only, never on the accelerators.
 
-tf.data, TensorBoard summaries and Keras's weight files need TensorFlow; the
-GPUs belong to JAX. Importing through here hides them from TensorFlow before
+TensorFlow is needed for tf.data and the SavedModel export, Keras for its
+ImageNet download and the converter's check against Keras (TensorBoard event
+files are written by tensorboardX, Keras weight files read with h5py). The
+GPUs belong to JAX: importing through here hides them from TensorFlow before
 it can take their memory (flax#445).
 """
 

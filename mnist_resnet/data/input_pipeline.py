@@ -1,19 +1,11 @@
 """The two input pipelines of uint8 MNIST batches: tf.data and on-device.
 
-`config.input_pipeline`:
-  tfdata: tf.data on the host; each process reads its rows of every global
-    batch and ships them to its devices (784 bytes per image).
-  device: the whole dataset (47 MB) sits on every device from the start;
-    each step gathers its global batch inside the jitted step, from indices
-    computed on the device. No per-step host work, no copies after start-up,
-    and no TensorFlow: the way to train on accelerator images without it.
-
-Both follow `order` exactly (the training batch at step s is a pure function
-of (seed, s)), so both give the same batches and the same run; evaluation
-visits every example once, padded to whole batches and masked. Conversion,
-resizing and normalisation happen on the accelerator either way. TensorFlow
-is imported only when a tf.data pipeline is built, through `tf_host`, which
-keeps it off the GPUs.
+`config.input_pipeline`: tfdata, tf.data on the host, each process shipping
+its rows of every global batch to its devices; device, the whole dataset on
+every device and each batch gathered inside the jitted step. Both follow
+`order` exactly, so they give the same run; evaluation visits every example
+once, padded and masked. TensorFlow is imported, through `tf_host`, only
+when a tf.data pipeline is built. docs/training.md#input-pipelines.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """The training order: which examples make up the global batch at each step.
 
-The order is a pure function of (seed, step): epoch e = step //
-steps_per_epoch is a permutation of all examples that depends only on
-(seed, e), and global batch s is a fixed slice of it. Each process takes its
-own rows of every global batch, so the global batch does not depend on how
-many processes share it, and a run resumed at step s seeks straight to it.
-
-This module holds the definition (`global_batch_indices`, in numpy) and its
-twins for the two input pipelines, which must compute exactly the same order.
-The order is defined with 32-bit integer arithmetic so that every twin can
-reproduce it bit for bit. The TensorFlow twin keeps Python out of the tf.data
-graph: a tf.numpy_function there holds the GIL against the training loop and
-can deadlock interpreter shutdown while a prefetching iterator is still
-alive. TensorFlow is passed in, never imported here. The jax.numpy twin runs
-on the accelerators, for the device-resident pipeline.
+The order is a pure function of (seed, step), and each process takes its own
+rows of every global batch. This module holds the definition
+(`global_batch_indices`, numpy, 32-bit integer arithmetic) and its twins for
+the two input pipelines, which must reproduce it bit for bit: one in
+TensorFlow ops (TensorFlow is passed in, never imported here) and one in
+jax.numpy. Why and how: docs/training.md#the-training-order.
 """
 
 from __future__ import annotations

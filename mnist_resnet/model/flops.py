@@ -1,52 +1,11 @@
 """FLOP counts: the model's, counted from its layers, and chips' dense peaks.
 
-Model FLOPs (`model_flops`, `train_flops_per_example`) are what MFU is
-computed from, as in MLPerf and MaxText: the arithmetic the architecture
-defines, whatever the compiler makes of it.
-
-How they are counted: the model is initialised under `jax.eval_shape`
-(nothing is computed or allocated) with `flax.linen.intercept_methods`
-watching every module call; each `nn.Conv` and `nn.Dense` call is recorded
-with its real input and output shapes at the configured image size. Per
-example and forward:
-
-  convolution: 2 x H_out x W_out x C_out x K_h x K_w x C_in / groups
-  dense:       2 x C_in x C_out (per row)
-
-i.e. 2 FLOPs (multiply, add) per multiply-accumulate of the layer as
-defined, every kernel tap counted, those that fall on zero padding too (the
-convention of fvcore, ptflops and the published ResNet figures). This
-project's ResNet50 (Keras's v1 layout, 10-class head) at 224x224: 3.856 GMAC
-= 7.71 GFLOP forward per image. The 4.09 GMAC often quoted is torchvision's
-ResNet50 v1.5 (stride on the 3x3, not the first 1x1: +0.231 GMAC) with a
-1000-class head (+0.002 GMAC).
-
-Why from the flax modules, not from the traced program: the model computes
-some convolutions as matrix products (`resnet.conv_as_dot`, which drops
-kernel taps that only ever see padding), so the program's dot_generals are
-the implementation, not the layer. The module walk sees the layer as
-written, at its real shapes, and cannot miss one: every parameter called
-'kernel' must belong to a counted call, or `model_flops` raises.
-`jaxpr_matmul_flops` counts the traced program's convolutions and matrix
-products instead; the tests use it to check the walk (the two agree exactly
-where conv_as_dot drops no tap, e.g. ResNet50 at 224x224).
-
-Not counted: BatchNorm, ReLU, residual adds, pooling, bias adds, dropout,
-the loss, the input preprocessing (its resize) and the optimizer update:
-work that MFU conventionally leaves out.
-
-Training = forward + backward, the backward being 2 x forward (gradients
-with respect to the activations and to the weights): 3 x forward for every
-trained layer, 1 x forward for a frozen one (trainable='head' runs the
-backbone forward only). This is the MLPerf / MaxText convention; it counts
-the stem's input gradient that no one computes, about 1% of ResNet50's.
-ResNet50, 224x224, all trained: 3 x 7.71 = 23.1 GFLOP per image (v1.5's
-4.09 GMAC would give the 24.5 often quoted); 0.472 GFLOP at 32x32.
-
-XLA's cost analysis (the benchmark's `flops_per_step_xla`) counts something
-else: the program it compiled, elementwise ops included, convolution taps
-that fall on padding excluded, and on GPU not what happens inside library
-calls (cuDNN), so it is kept beside the model count, not used for MFU.
+`model_flops` and `train_flops_per_example` count what the architecture
+defines: every nn.Conv and nn.Dense call, seen under `jax.eval_shape` at its
+real shapes, at 2 FLOPs per multiply-accumulate; training = 3 x forward for
+a trained layer. MFU is computed from them and `peak_tflops`, as in MLPerf
+and MaxText. `jaxpr_matmul_flops` counts the traced program instead, for the
+tests. Conventions and figures: docs/benchmarking.md#flops-and-mfu.
 """
 
 from __future__ import annotations

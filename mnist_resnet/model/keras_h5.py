@@ -1,21 +1,11 @@
 """Keras weight files, every layout a user meets, read with h5py (no Keras).
 
-- 'legacy': Keras 2 `save_weights` files, including Keras's own ImageNet
-  downloads: attribute `layer_names` at the root, one group per layer with
-  attribute `weight_names` such as `conv1_conv/kernel:0`;
-- 'model_weights': the same under `model_weights/` (files from
-  `model.save("x.h5")`; Keras 3 writes names without `:0`);
-- 'keras3': Keras 3 `save_weights("x.weights.h5")`: groups
-  `layers/<path>/vars/0, 1, ...` where <path> is made from the layer's class
-  (`conv2d_12`, `batch_normalization_3`) and the layer's own name is the
-  `name` attribute of the `vars` group (files written before Keras stored that
-  attribute are matched by class and order instead); nested models add
-  `layers/<model>/layers/...`;
-- 'keras_zip': a Keras 3 `.keras` archive, whose `model.weights.h5` has the
-  'keras3' layout.
-
-Every layout becomes `LayerWeights`; a file that is none of them, or is
-inconsistent, is a one-line `WeightsError` naming the file.
+The layouts 'legacy' (Keras 2 `save_weights`, Keras's ImageNet downloads),
+'model_weights' (`model.save("x.h5")`), 'keras3' (Keras 3
+`save_weights("x.weights.h5")`) and 'keras_zip' (a `.keras` archive) all
+become `LayerWeights`; a file that is none of them, or is inconsistent, is a
+one-line `WeightsError` naming the file. Where each layout keeps its
+weights: docs/training.md#pretrained-weights.
 """
 
 from collections.abc import Iterator

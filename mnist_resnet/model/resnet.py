@@ -1,16 +1,11 @@
 """ResNet v1 in flax.linen, laid out exactly like `keras.applications.ResNet50`.
 
-Keras's ImageNet weights are the reason this model exists, so the backbone
-copies Keras's architecture operation for operation (explicit zero padding
-before the 7x7 conv and the max-pool, stride on the first 1x1 conv of a
-downsampling block, conv layers with bias, BatchNorm epsilon 1.001e-5) and its
-submodules carry Keras's layer names (`conv1_conv`, `conv2_block1_1_bn`, ...).
-Loading a Keras file is then a rename-free copy (see `pretrained.py`), and a
-mismatch is reported with the name a Keras user knows.
-
-Variables are split at the top level into 'backbone' and 'head' in both
-'params' and 'batch_stats'; the training code freezes the backbone by masking
-on that key.
+The backbone copies Keras's architecture operation for operation and its
+submodules carry Keras's layer names (`conv1_conv`, `conv2_block1_1_bn`,
+...), so loading a Keras file is a rename-free copy (`pretrained.py`); the
+details are in docs/training.md#pretrained-weights. Variables are split at
+the top level into 'backbone' and 'head' in both 'params' and 'batch_stats';
+the training code freezes the backbone by masking on that key.
 """
 
 from collections.abc import Mapping

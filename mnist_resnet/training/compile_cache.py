@@ -2,18 +2,9 @@
 compiled before instead of compiling them again.
 
 `enable(config.compilation_cache_dir, workdir)` is called by the entry point
-(train.py) once per process, before anything compiles. It only sets JAX's
-options; JAX opens the cache at the first compile, looks every program up by
-a key over its HLO, devices, compile options and JAX/XLA versions, and writes
-(from process 0 only) each program that took at least
-`MIN_COMPILE_TIME_SECS` to compile.
-
-The default location is inside the workdir ("{workdir}/compilation_cache"):
-the one place that is shared by every process of a multi-host run (JAX writes
-entries from process 0 only, so a per-host cache would help process 0 alone)
-and that survives whatever the run survives (a preempted Cloud VM comes back
-with a new local disk but the same bucket). A cache is an optimisation: a
-location that cannot be used is one warning, and the run compiles as usual.
+(train.py) once per process, before anything compiles; it only sets JAX's
+options. Where the cache lives and why, what it is keyed on, and what a
+location that cannot be used does: docs/operations.md#compilation-cache.
 """
 
 from __future__ import annotations

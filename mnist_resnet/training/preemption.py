@@ -1,32 +1,11 @@
-"""Stopping on signals: SIGTERM (preemption) and SIGINT (Ctrl-C).
+"""Stopping on signals: SIGTERM (preemption, SIGHUP too) and SIGINT (Ctrl-C).
 
-`StopSignals` is installed first thing in `train.py`, before anything slow:
-
-  * before the loop (imports, data load, compile, restore) there is nothing
-    to save: one line, the registered clean-ups (the workdir lock's release)
-    for a few seconds at most, and the process ends at once with 75
-    (SIGTERM, rerun to continue) or 130 (Ctrl-C). A watcher thread does it:
-    Python runs signal handlers in the main thread only between bytecodes,
-    so a handler waits out a native call such as a 30-second XLA compile,
-    while the watcher wakes at once on the byte the C-level handler writes to
-    `signal.set_wakeup_fd`. Nothing raises: an exception raised inside
-    whatever code the signal interrupted (an import, a garbage-collector
-    callback) can be swallowed or turned into another;
-  * during the loop it only records the signal; the loop reads it after each
-    step, so an evaluation or a save in progress completes, then the state is
-    saved at the step reached and the run exits 75 or 130. A second Ctrl-C
-    exits at once (130); committed checkpoints are atomic and stay intact.
-
-SIGHUP (the terminal or ssh session went away) counts as SIGTERM. A signal
-that was ignored when the process started (`nohup`, background jobs) stays
-ignored.
-
-In a multi-process run JAX's coordination service takes SIGTERM on whichever
-host received it, tells every host, and agrees on a step to stop at; orbax's
-`reached_preemption(step)` turns true on all hosts at that same step (it must
-be asked at every step). Ctrl-C there exits at once: one process alone cannot
-save a state that every process holds a part of.
-
+`StopSignals` is installed first thing in `train.py`, before anything slow.
+Before the loop there is nothing to save: a watcher thread, woken through
+`signal.set_wakeup_fd`, runs the registered clean-ups and ends the process
+with 75 (SIGTERM) or 130 (Ctrl-C). During the loop the signal is only
+recorded; the loop saves at the step reached and exits the same way.
+Details, and many hosts: docs/operations.md#signals.
 Imports only the standard library: it is loaded before JAX.
 """
 

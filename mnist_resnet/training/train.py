@@ -1,21 +1,12 @@
 """Training and evaluation: the orchestration, in the order the work happens.
 
-  1. validate the config and the workdir (nothing allocated yet);
-  2. take the workdir: its lock, the saved config's check, a finished run's
-     results (returned untouched);
-  3. load and check the data, build the program: mesh, model, optimizer,
-     jitted train step;
-  4. restore the newest good checkpoint, else initialise (pretrained backbone
-     or scratch);
-  5. the loop: per-process tf.data shard -> global array -> train step (or
-     the device pipeline: the step gathers its batch from the dataset on the
-     devices), with periodic evaluation, asynchronous checkpoints and
-     signals;
-  6. the best checkpoint's figures, results.json.
-
-Data order, augmentation and dropout are pure functions of (seed, step), so a
-run resumed from a checkpoint ends with the same parameters as one that never
-stopped (same config, same device count).
+Validate the config and the workdir (nothing allocated yet); take the
+workdir (its lock, the saved config's check; a finished run's results are
+returned untouched); load the data and build the program; restore the newest
+good checkpoint, else initialise (pretrained backbone or scratch); run the
+loop (evaluations, asynchronous checkpoints, signals); write the best
+checkpoint's figures and results.json. A resumed run ends with the same
+parameters as one that never stopped: docs/operations.md#resume.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from mnist_resnet.core import parallel
+from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.data import mnist
 from mnist_resnet.model import preprocess
 from mnist_resnet.model import resnet
@@ -102,13 +103,25 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
       {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
+def parse_step(which: str | int) -> str | int:
+  """--step's value: 'latest', 'best' or a step number (an int); anything
+  else is a ConfigError, before anything is read."""
+  text = str(which).strip()
+  if text in ("latest", "best"):
+    return text
+  if not text.isdigit():
+    raise ConfigError(f"--step={which!r}: must be latest, best or a step "
+                      "number")
+  return int(text)
+
+
 def resolve_step(ckpt: checkpoint_lib.Checkpointer, which: str | int,
                  config: ml_collections.ConfigDict) -> int:
   """'latest', 'best' or a step number -> a step that has a checkpoint."""
+  which = parse_step(which)
   steps_saved = sorted(ckpt.all_steps())
   if not steps_saved:
     raise RunDirError(f"{ckpt.directory} holds no checkpoint")
-  which = str(which).strip()
   if which == "latest":
     return steps_saved[-1]
   if which == "best":
@@ -120,11 +133,7 @@ def resolve_step(ckpt: checkpoint_lib.Checkpointer, which: str | int,
           f"{config.get('validation_examples', 0)}); use --step=latest or a "
           "step number")
     return best
-  try:
-    step = int(which)
-  except ValueError:
-    raise RunDirError(f"--step={which!r}: must be latest, best or a step "
-                      "number") from None
+  step = which
   if step not in steps_saved:
     raise RunDirError(f"{ckpt.directory} holds no checkpoint of step {step}; "
                       f"it holds steps {', '.join(map(str, steps_saved))}")

@@ -1,18 +1,10 @@
 """Train-state checkpoints with orbax-checkpoint's CheckpointManager.
 
-`CheckpointManager` (rather than the newer `ocp.v1` API) because it carries
-what a long run needs in one place and is stable across the orbax versions the
-requirements admit: asynchronous saves, preservation policies (the N most
-recent plus, when a validation split is held out, the best by validation
-accuracy), atomic commits (a step directory only appears once the save is
-complete, so a save killed half-way is never restored), and multi-host
-coordination (every process takes part).
-
-Layout: workdir/checkpoints/<step>/{state,meta,metrics}; `state` holds the
-train state pytree, `meta` a small JSON record with a digest of each of the
-state's top-level items (`digest.py`; checked on restore: a committed
-checkpoint can still be damaged later), and `metrics` the values the best
-checkpoint is chosen by (orbax reads them back after a restart).
+Asynchronous saves; the N most recent kept, plus the best by validation
+accuracy; atomic commits; restore checked against each item's digest
+(`digest.py`), falling back to an older checkpoint; any topology. The layout
+of workdir/checkpoints/<step>/ and why CheckpointManager rather than
+`ocp.v1`: docs/reference.md#the-workdir.
 """
 
 from __future__ import annotations

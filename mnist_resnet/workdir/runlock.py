@@ -4,15 +4,9 @@
     lock.check()                      # at checkpoints: RunDirError if lost
     lock.release()                    # idempotent; `with acquire(w):` too
 
-Only process 0 of a multi-host run takes it: one lock per run.
-
-Local directories: `fcntl.flock` on lock.json, held open for the whole run.
-The kernel drops the lock when the process dies, however it dies, so a restart
-after SIGKILL never waits. The holder's host, pid and start time are written
-into the file once the lock is held, for the message of a refused run.
-
-Cloud Storage (gs://): a lease in lock.json, renewed while the run lives
-(lease.py). A restart after SIGKILL (or a lost VM) may wait out one lease.
+Only process 0 of a multi-host run takes it: an `fcntl.flock` locally
+(`flock.py`), a lease in a bucket (`lease.py`).
+docs/operations.md#one-run-per-workdir.
 """
 
 from __future__ import annotations

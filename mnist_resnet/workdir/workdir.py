@@ -1,15 +1,8 @@
 """`Workdir`: one run's directory, local or gs://, and everything in it.
 
-    checkpoints/<step>/         orbax checkpoints
-    set_aside/<step>.<why>/     checkpoints that failed to restore or diverged
-    config.json                 the run's config, compared on resume
-    lock.json                   who runs in this workdir (runlock.py)
-    metrics.jsonl, events.out.tfevents.*   the logged scalars
-    profile/                    jax.profiler traces
-    eval_<step>/                evaluation reports of checkpoints
-    results.json                the final record
-
-No other module builds a path inside a workdir.
+Every path of a workdir (checkpoints, config.json, lock.json, the metrics,
+profiles, evaluation reports, results.json, set-aside checkpoints) is built
+here and nowhere else; the layout is in docs/reference.md#the-workdir.
 """
 
 from __future__ import annotations
