@@ -197,6 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     splits = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
     state, resumed_from = restore_or_init(config, program, run)
+    run.checkpointer.warm_up(state)
     if jax.process_index() == 0:
       run.save_config(config.to_dict())
     start = int(jax.device_get(state.step))
