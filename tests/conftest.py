@@ -116,7 +116,8 @@ def trained_workdir(mnist_dir, tmp_path_factory) -> pathlib.Path:
   cmd = [sys.executable, str(REPO_ROOT / "train.py"),
          f"--config={REPO_ROOT / 'configs' / 'smoke.py'}",
          f"--workdir={workdir}", f"--config.data_dir={mnist_dir}",
-         CACHE_FLAG, "--config.num_train_steps=60", "--config.eval_every_steps=20",
+         CACHE_FLAG, "--config.num_train_steps=60",
+         "--config.eval_every_steps=20",
          "--config.checkpoint_every_steps=20",
          "--config.validation_examples=5000", "--config.log_every_steps=10"]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,

@@ -340,7 +340,8 @@ print(json.dumps([cached, stale]))
 
 
 def test_imagenet_weights_found_offline_in_keras_home(tmp_path):
-  """docs/training.md: a Keras weight file in $KERAS_HOME/models is used offline."""
+  """docs/training.md: a Keras weight file in $KERAS_HOME/models is used
+  offline."""
   name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
   keras_home = tmp_path / "keras_home"
   (keras_home / "models").mkdir(parents=True)

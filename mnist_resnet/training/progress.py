@@ -50,8 +50,8 @@ class TrainLog:
   Throughput leaves out the time spent in `paused()` (evaluation).
   """
 
-  def __init__(self, reporter: metrics_lib.Reporter, *, batch_size: int, log_every: int,
-               total_steps: int, start_step: int):
+  def __init__(self, reporter: metrics_lib.Reporter, *, batch_size: int,
+               log_every: int, total_steps: int, start_step: int):
     self._reporter = reporter
     self._batch_size = batch_size
     self._log_every = log_every
