@@ -13,7 +13,6 @@ from typing import Mapping
 
 from etils import epath
 
-from mnist_resnet.core import files
 from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
@@ -64,10 +63,6 @@ class Workdir:
 
   def __str__(self) -> str:
     return self.location
-
-  @property
-  def is_remote(self) -> bool:
-    return files.is_remote(self.location)
 
   # --- Where each file lives ---------------------------------------------
 
