@@ -86,9 +86,7 @@ class Reporter:
     if self._events is not None:
       self._rows.append(json.dumps({"step": step, **values}) + "\n")
       self._events.add(step, summary=_scalar_summary(values))
-      self._dirty = True
-      if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
-        self.flush()
+      self._changed()
     text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
     if self._bar is not None:
       self._bar.write(f"step {step}: {text}")
@@ -102,6 +100,11 @@ class Reporter:
       return
     self._events.add(step, summary=summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=tag, image=_image(png_bytes))]))
+    self._changed()
+
+  def _changed(self) -> None:
+    """Something new to write: written now if the last write is older than
+    WRITE_INTERVAL_S, else at the next flush."""
     self._dirty = True
     if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
       self.flush()
