@@ -294,6 +294,25 @@ def test_step_that_diverges_is_one_line_exit_2():
           ] == [result.stderr.strip().splitlines()[-1]]
 
 
+def test_batch_that_does_not_fit_is_one_line_exit_2():
+  """4,000,000 images a step (hundreds of GiB): the compiler's analysis
+  refuses it before anything runs; one line with the batch per device, the
+  bytes asked and a batch to try, not XLA's errors."""
+  result = _run(*FAST, "--config.mode=step", "--config.batch_size=4000000",
+                devices=2)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  assert "Error dispatching" not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
+  assert errors[0].startswith(
+      "error: config.batch_size=4000000 (2000000 per device) does not fit in "
+      "memory: the train step needs "), errors[0]
+  smaller = int(errors[0].rpartition("; try config.batch_size=")[2])
+  assert 0 < smaller < 4000000 and smaller % 2 == 0, errors[0]
+
+
 def test_peak_table():
   assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
   assert flops.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756

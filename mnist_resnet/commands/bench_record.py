@@ -16,10 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_resnet.core import parallel
 from mnist_resnet.data import mnist
 from mnist_resnet.model import flops
 from mnist_resnet.model import resnet
+from mnist_resnet.training import memory
 from mnist_resnet.training import program as program_lib
 
 
@@ -40,11 +40,8 @@ def lower_step(program: program_lib.Program, config: ml_collections.ConfigDict
                ) -> jax.stages.Lowered:
   """The program's train step lowered on abstract arguments of the config's
   global batch (nothing is allocated, nothing compiled)."""
-  sharding = parallel.batch_sharding(program.mesh)
-  batch = {k: jax.ShapeDtypeStruct(parallel.global_shape(v.shape), v.dtype,
-                                   sharding=sharding)
-           for k, v in synthetic_batch(config).items()}
-  return program.train_step.lower(program.abstract_state(), batch)
+  del config  # The program holds its batch's shapes.
+  return program.lower_train_step()
 
 
 def xla_flops_per_step(stage: jax.stages.Lowered | jax.stages.Compiled
@@ -73,10 +70,13 @@ def compile_step(program: program_lib.Program, config: ml_collections.ConfigDict
                   ) -> tuple[Any, dict[str, Any]]:
   """Lowers and compiles the program's train step on abstract arguments
   (nothing is allocated); returns the executable, what the compiler says
-  about it and the model's own FLOP count."""
+  about it and the model's own FLOP count. memory.OutOfMemory, before
+  anything runs, when the step does not fit in memory."""
   start = time.perf_counter()
   compiled = lower_step(program, config).compile()
   seconds = time.perf_counter() - start
+  memory.check_fits(compiled, what="the train step", key="batch_size",
+                    batch_size=int(config.batch_size))
   return compiled, {
       "compile_seconds": round(seconds, 2),
       **model_flops(program, config),

@@ -23,6 +23,7 @@ from mnist_resnet.data import mnist
 from mnist_resnet.model import preprocess
 from mnist_resnet.model import resnet
 from mnist_resnet.training import classification
+from mnist_resnet.training import memory
 from mnist_resnet.training import steps
 
 
@@ -103,16 +104,35 @@ class Evaluator:
           process_index=jax.process_index(),
           process_count=jax.process_count())
     self._mesh = mesh
+    self._compiled = False  # The first call compiles ahead of time.
     self._last_logits: np.ndarray | None = None
     self._last_figures: dict[str, Any] | None = None
+
+  def _checked(self, jitted: Any, *args: Any) -> Any:
+    """`jitted` compiled for `args`, once it fits in memory; the state's
+    arrays are resident already, so only what the step adds counts."""
+    compiled = jitted.lower(*args).compile()
+    memory.check_fits(compiled, what=f"the {self.name} evaluation step",
+                      key="eval_batch_size", batch_size=self.batch_size,
+                      resident=True)
+    return compiled
 
   def _logits(self, state: steps.TrainState) -> list[jax.Array]:
     params, batch_stats = steps.eval_variables(state)
     if self._on_device is not None:
+      if not self._compiled:
+        self._eval_all = self._checked(self._eval_all, params, batch_stats,
+                                       self._on_device)
+        self._compiled = True
       return [self._eval_all(params, batch_stats, self._on_device)]
-    return [self._step(params, batch_stats,
-                       parallel.global_batch(local, self._mesh))
-            for local in self._batches.as_numpy_iterator()]
+    logits = []
+    for local in self._batches.as_numpy_iterator():
+      batch = parallel.global_batch(local, self._mesh)
+      if not self._compiled:
+        self._step = self._checked(self._step, params, batch_stats, batch)
+        self._compiled = True
+      logits.append(self._step(params, batch_stats, batch))
+    return logits
 
   def logits_of_last_call(self) -> np.ndarray:
     """float32 [N, 10]: the logits of every example of the split, in split

@@ -1,10 +1,12 @@
 """What a config compiles to: the mesh, the model and its inputs, the
 optimizer, and the jitted train step. Nothing here allocates until
-`Program.initial_state` is called."""
+`Program.initial_state` is called; `Program.compiled` compiles the step
+ahead of time and checks it fits in memory before anything runs."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from typing import Callable
 
 import jax
@@ -19,6 +21,7 @@ from mnist_resnet.data import order
 from mnist_resnet.model import preprocess
 from mnist_resnet.model import pretrained
 from mnist_resnet.model import resnet
+from mnist_resnet.training import memory
 from mnist_resnet.training import optim
 from mnist_resnet.training import steps
 
@@ -45,6 +48,23 @@ class Program:
   total_steps: int
   train_step: Callable
   init_variables: Callable
+  batch_size: int
+  # Shapes, dtypes and shardings of the train step's second argument.
+  train_inputs: Any
+
+  def lower_train_step(self) -> jax.stages.Lowered:
+    """The train step lowered on abstract arguments; nothing allocated."""
+    return self.train_step.lower(self.abstract_state(), self.train_inputs)
+
+  def compiled(self) -> Program:
+    """This program with its train step compiled ahead of time, once the
+    compiler says it fits in memory (memory.OutOfMemory, naming the batch,
+    if not). The executable is the one the loop calls: nothing compiles
+    twice."""
+    executable = self.lower_train_step().compile()
+    memory.check_fits(executable, what="the train step", key="batch_size",
+                      batch_size=self.batch_size)
+    return dataclasses.replace(self, train_step=executable)
 
   def abstract_state(self) -> steps.TrainState:
     """Shapes, dtypes and shardings of the train state; nothing allocated."""
@@ -124,6 +144,24 @@ def variables_initializer(config: ml_collections.ConfigDict,
   return jax.jit(init_variables, out_shardings=parallel.replicated(mesh))
 
 
+def abstract_train_inputs(config: ml_collections.ConfigDict,
+                          num_train_examples: int, mesh: jax.sharding.Mesh
+                          ) -> dict[str, Any]:
+  """The train step's second argument, abstract: tfdata, the global batch
+  of uint8 images and int32 labels; device, the dataset on every device
+  and an epoch's permutation (see input_pipeline.device_train_inputs)."""
+  spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding)
+  if config.input_pipeline == "device":
+    rep, n = parallel.replicated(mesh), num_train_examples
+    return {"data": {"image": spec((n, *mnist.IMAGE_SHAPE), jnp.uint8, rep),
+                     "label": spec((n,), jnp.int32, rep)},
+            "perm": spec((n,), jnp.int32, rep)}
+  rows, sharding = int(config.batch_size), parallel.batch_sharding(mesh)
+  return {"image": spec((rows, *mnist.IMAGE_SHAPE), jnp.uint8, sharding),
+          "label": spec((rows,), jnp.int32, sharding)}
+
+
 def build_program(config: ml_collections.ConfigDict,
                   num_train_examples: int) -> Program:
   mesh = parallel.create_mesh()
@@ -148,4 +186,7 @@ def build_program(config: ml_collections.ConfigDict,
                  model_input=inputs, tx=tx, groups=groups,
                  keep_ema=config.ema_decay > 0, total_steps=total,
                  train_step=train_step,
-                 init_variables=variables_initializer(config, model, mesh))
+                 init_variables=variables_initializer(config, model, mesh),
+                 batch_size=int(config.batch_size),
+                 train_inputs=abstract_train_inputs(
+                     config, num_train_examples, mesh))
