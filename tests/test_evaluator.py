@@ -15,6 +15,7 @@ from conftest import REPO_ROOT
 from mnist_resnet.core import parallel
 from mnist_resnet.data import mnist
 from mnist_resnet.training import evaluator
+from mnist_resnet.training import memory
 from mnist_resnet.training import program as program_lib
 
 
@@ -47,9 +48,18 @@ def _reference_logits(config, state, images):
                            "batch_stats": state.batch_stats}, x))
 
 
+def _cross_entropy(logits, labels):
+  """Each row's softmax cross-entropy, in float64 numpy."""
+  logits = np.asarray(logits, np.float64)
+  top = logits.max(-1, keepdims=True)
+  log_z = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+  return log_z - logits[np.arange(len(labels)), labels]
+
+
 def check_logits_of_last_call(config, pipeline):
   """The evaluation's own logits are the model's, row for row, in split
-  order, padding cut off (11 examples, batches that do not divide them)."""
+  order, padding cut off (11 examples, batches that do not divide them);
+  its loss is their mean cross-entropy, the padding rows left out."""
   images = np.random.default_rng(1).integers(0, 256, (11, 28, 28), np.uint8)
   state = _random_head(jax.device_get(
       program_lib.build_program(config, 1000).initial_state()))
@@ -62,6 +72,17 @@ def check_logits_of_last_call(config, pipeline):
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
   accuracy = np.mean(np.argmax(logits, -1) == np.asarray(LABELS))
   assert got["test_accuracy"] == pytest.approx(accuracy)
+  # The loss is the mean over the 11 examples alone: the padding rows (zero
+  # images, label 0) would move it, as the check below makes sure.
+  labels = np.asarray(LABELS)
+  loss = _cross_entropy(ref, labels)
+  assert got["test_loss"] == pytest.approx(loss.mean(), rel=1e-4)
+  rows = -(-len(labels) // evaluate.batch_size) * evaluate.batch_size
+  padding = _cross_entropy(_reference_logits(
+      config, state, np.zeros((1, 28, 28), np.uint8)), np.zeros(1, int))
+  padded = np.concatenate([loss, np.repeat(padding, rows - len(labels))])
+  assert rows > len(labels)
+  assert abs(padded.mean() - loss.mean()) > 1e-3 * abs(loss.mean())
 
 
 def _always_three(state, column):
@@ -96,6 +117,24 @@ def test_logits_of_last_call_are_the_models(pipeline):
   config = smoke.get_config()
   config.eval_batch_size = 4
   check_logits_of_last_call(config, pipeline)
+
+
+def test_an_eval_batch_that_does_not_fit_is_one_line(monkeypatch):
+  """The first evaluation asks the compiler what its step adds to the
+  state in memory, and names config.eval_batch_size when that is more than
+  the devices have free; with either pipeline."""
+  config = smoke.get_config()
+  config.eval_batch_size = 4
+  state = jax.device_get(
+      program_lib.build_program(config, 1000).initial_state())
+  monkeypatch.setattr(memory, "available_bytes", lambda: 1)
+  for pipeline in ("tfdata", "device"):
+    with pytest.raises(memory.OutOfMemory,
+                       match=r"^config.eval_batch_size=4 \(4 per device\) "
+                             r"does not fit in memory: the test evaluation "
+                             r"step needs \d+ bytes .* free; not even one "
+                             r"example "):
+      _evaluate(config, state, LABELS, pipeline=pipeline)
 
 
 def test_batch_size_need_not_divide_by_the_devices():
