@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO_ROOT
@@ -86,6 +88,16 @@ def _scramble(path: pathlib.Path) -> None:
   path.write_bytes(bytes(data))
 
 
+def _resave_changed(step_dir: pathlib.Path) -> None:
+  """The state item written again by orbax itself, one value changed: a
+  valid checkpoint that orbax restores without complaint, which only the
+  digest saved in the meta (left as it was) can tell apart."""
+  changed = state(2)
+  changed["b"] = changed["b"].at[0].add(1.0)
+  shutil.rmtree(step_dir / "state")
+  ocp.PyTreeCheckpointer().save(step_dir / "state", changed)
+
+
 DAMAGE = {
     "truncated": lambda d: [p.write_bytes(p.read_bytes()[:10])
                             for p in _data_files(d)],
@@ -93,6 +105,7 @@ DAMAGE = {
                          for p in _data_files(d)],
     "random bytes": lambda d: [_scramble(p) for p in _data_files(d)],
     "metadata deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "re-saved with another value": _resave_changed,
 }
 
 
