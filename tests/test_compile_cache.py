@@ -6,7 +6,6 @@ in a subprocess: a first process fills the cache, a second one loads from it.
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,34 +14,41 @@ import jax
 import pytest
 
 from configs import default
+from conftest import COMPILE_CACHE
 from conftest import REPO_ROOT
 from mnist_resnet.training import compile_cache
 
-# Enables the cache at argv[1] (threshold 0: the tiny program takes far less
-# than the default second to compile), compiles one program, prints what
-# JAX's monitoring saw.
+# Enables the cache at argv[1] for the workdir argv[2], if given (threshold
+# 0: the tiny program takes far less than the default second to compile),
+# compiles one program, prints what JAX's monitoring saw.
 _CHILD = r"""
-import json, sys
+import json, os, sys
 import jax, jax.numpy as jnp
 from jax import monitoring
 from mnist_resnet.training import compile_cache
 
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))
-path = compile_cache.enable(sys.argv[1], min_compile_time_secs=0)
+path = compile_cache.enable(sys.argv[1], *sys.argv[2:],
+                            min_compile_time_secs=0)
+created_up_front = path is not None and os.path.exists(path)
 x = jax.jit(lambda a: jnp.tanh(a @ a.T).sum())(jnp.ones((8, 8)))
 jax.block_until_ready(x)
 print(json.dumps({
     "path": path,
+    "jax_path": jax.config.jax_compilation_cache_dir,
+    "created_up_front": created_up_front,
     "hits": events.count("/jax/compilation_cache/cache_hits"),
     "misses": events.count("/jax/compilation_cache/cache_misses"),
     "xla_caches": jax.config.jax_persistent_cache_enable_xla_caches}))
 """
 
 
-def _child(location: str, env: dict[str, str] | None = None) -> dict:
+def _child(location: str, env: dict[str, str] | None = None,
+           workdir: str | None = None) -> dict:
   proc = subprocess.run(
-      [sys.executable, "-c", _CHILD, location], cwd=REPO_ROOT,
+      [sys.executable, "-c", _CHILD, location,
+       *([workdir] if workdir else [])], cwd=REPO_ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
       capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,10 +88,20 @@ def test_workdir_template_needs_no_directory_up_front(tmp_path):
   """Inside the workdir, nothing is created before the run checks the
   workdir; JAX creates the directory at the first compile."""
   workdir = tmp_path / "run"
-  path = compile_cache.resolve("{workdir}/compilation_cache", workdir)
-  assert not workdir.exists()
-  assert _child(path)["misses"] >= 1
-  assert any(pathlib.Path(path).iterdir())
+  got = _child("{workdir}/compilation_cache", workdir=str(workdir))
+  path = workdir / "compilation_cache"
+  assert got["path"] == got["jax_path"] == str(path), got
+  assert not got["created_up_front"], got
+  assert got["misses"] >= 1, got
+  assert any(path.iterdir())
+
+
+def test_train_py_fills_its_cache(trained_workdir):
+  """A train.py run (the shared one, given conftest.CACHE_FLAG) leaves its
+  train step in the cache, for the next run to load."""
+  del trained_workdir
+  entries = [p.name for p in COMPILE_CACHE.iterdir()]
+  assert any(n.startswith("jit_train_step-") for n in entries), entries
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
