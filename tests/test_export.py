@@ -85,19 +85,17 @@ def child_env() -> dict[str, str]:
               XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def run_export(*args: str, code: str | None = None
+def run_export(*args: str, accelerator_image: bool = False
                ) -> subprocess.CompletedProcess:
-  """`python -m mnist_resnet.export ARGS`, after `code` when given."""
-  if code is None:
-    cmd = [sys.executable, "-m", "mnist_resnet.export", *args]
-  else:
-    cmd = [sys.executable, "-c", code + textwrap.dedent("""
-        import runpy
-        sys.argv = ["mnist_resnet.export", *sys.argv[1:]]
-        runpy.run_module("mnist_resnet.export", run_name="__main__")
-        """), *args]
-  return subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(),
-                        capture_output=True, text=True, timeout=300)
+  """`python -m mnist_resnet.export ARGS`; with `accelerator_image`, as on
+  an image without TensorFlow, Keras or Google Cloud's libraries
+  (tests/accelerator_image.py)."""
+  image = ([str(REPO_ROOT / "tests" / "accelerator_image.py")]
+           if accelerator_image else [])
+  return subprocess.run(
+      [sys.executable, *image, "-m", "mnist_resnet.export", *args],
+      cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
+      timeout=300)
 
 
 def run_loader(code: str, *args, cwd) -> dict:
@@ -198,14 +196,14 @@ def test_saved_model_runs_without_jax(exported, digits, expected,
 
 
 def test_jax_export_alone_needs_no_tensorflow(trained_workdir, tmp_path):
-  """--formats=jax_export, where TensorFlow cannot be imported; a step by
-  number; an --out that exists, empty."""
+  """--formats=jax_export as on an accelerator image, where TensorFlow,
+  Keras and Google Cloud's libraries cannot be imported; a step by number;
+  an --out that exists, empty."""
   out = tmp_path / "jax_only"
   out.mkdir()
   result = run_export(
       f"--workdir={trained_workdir}", "--step=20", f"--out={out}",
-      "--formats=jax_export",
-      code=BLOCKER + "sys.meta_path.insert(0, Blocker(['tensorflow']))\n")
+      "--formats=jax_export", accelerator_image=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(out)) == ["export.json", "model.jax_export"]
   assert os.listdir(tmp_path) == ["jax_only"]
