@@ -3,11 +3,17 @@ layout."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import optax
+import pytest
 
 from configs import smoke
+from conftest import REPO_ROOT
 from mnist_resnet.core import parallel
 from mnist_resnet.training import program as program_lib
 from mnist_resnet.training import steps
@@ -89,3 +95,48 @@ def test_label_smoothing_reaches_the_loss():
         np.broadcast_to(bias, (8, 10)), targets).mean()
     np.testing.assert_allclose(losses[smoothing], float(want), rtol=1e-5)
   assert losses[0.1] - losses[0.0] > 0.1, losses
+
+
+# Runs argv[1:] as `python ARGS` would, printing XLA_FLAGS as the process
+# ends: what XLA was given, as the entry point set it.
+_SHOW_XLA_FLAGS = r"""
+import atexit, os, runpy, sys
+atexit.register(lambda: print("XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""),
+                              flush=True))
+args = sys.argv[1:]
+sys.path[0] = os.getcwd()
+if args[0] == "-m":
+  sys.argv = args[1:]
+  runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+else:
+  sys.argv = args
+  runpy.run_path(args[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("command, deterministic", [
+    ("train.py", True), ("train.py", False), ("benchmark", True)])
+def test_deterministic_config_sets_the_xla_flag(tmp_path, command,
+                                                deterministic):
+  """--config.deterministic=true puts XLA's deterministic-ops flag in
+  XLA_FLAGS, keeping the flags already there, before the run gets far (a
+  workdir under a file, a bad mode, end it at once)."""
+  (tmp_path / "file").write_text("x")
+  if command == "train.py":
+    args = ["train.py", "--config=configs/smoke.py",
+            f"--workdir={tmp_path / 'file' / 'run'}"]
+  else:
+    args = ["-m", "mnist_resnet.benchmark", "--config=configs/benchmark.py",
+            "--config.mode=none"]
+  proc = subprocess.run(
+      [sys.executable, "-c", _SHOW_XLA_FLAGS, *args,
+       f"--config.deterministic={str(deterministic).lower()}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  flags = proc.stdout.strip().splitlines()[-1].split("=", 1)[1].split()
+  wanted = ["--xla_force_host_platform_device_count=1"]
+  if deterministic:
+    wanted += list(parallel.DETERMINISTIC_XLA_FLAGS)
+  assert flags == wanted, proc.stdout
