@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -27,9 +28,11 @@ from mnist_resnet.data import mnist
 from mnist_resnet.training import classification
 from mnist_resnet.training import pictures
 from mnist_resnet.training import report
+from mnist_resnet.training import trained
 from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
 from mnist_resnet.workdir.rundir import RunDirError
+from mnist_resnet.workdir.workdir import Workdir
 
 # Runs the command as a user would on an accelerator image: TensorFlow (and
 # Keras, Google Cloud's libraries) impossible to import.
@@ -121,7 +124,9 @@ def test_numbers_equal_the_runs_final_evaluation(evaluated, results, run):
   assert record["step"] == results["best_step"]
   assert record["accuracy"] == results["best_test_accuracy"]
   # The tiny run's best checkpoint is its last one: the whole final
-  # evaluation of results.json is that of the same checkpoint.
+  # evaluation of results.json is that of the same checkpoint. (A best
+  # before the last, evaluated alone: test_train.py's
+  # test_best_checkpoint_is_chosen_on_held_out_validation.)
   assert results["best_step"] == results["step"] == 60
   assert record["workdir"] == str(run)
   assert record["eval_examples"] == results["eval_examples"] == 10000
@@ -193,6 +198,78 @@ def test_numbered_step(run, mnist_dir):
       rundir.to_json(early.record))
   assert decode(run / "mine" / "confusion.png").size == (
       pictures.CONFUSION_SIZE)
+
+
+# --- Another device count, while a run trains ---------------------------------
+
+# The three tools in one process with 3 CPU devices (the run trained on 1; 3
+# divides no batch, so every last batch is padded): evaluate without a
+# data_dir (the run's config.json names it), the logits predict prints its
+# probabilities from, and the jax export.
+TOOLS_ON_THREE_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    import numpy as np
+    from mnist_resnet.commands import evaluate, export
+    from mnist_resnet.training import trained
+    workdir, out = sys.argv[1:3]
+    evaluate.evaluate(workdir, out=out + "/eval")
+    model = trained.load(workdir, "latest")
+    np.save(out + "/logits.npy",
+            model.predict_logits(np.load(out + "/images.npy")))
+    export.export(workdir, "latest", out + "/export", ("jax_export",),
+                  ("cpu",))
+    print(json.dumps({"devices": jax.device_count()}))
+""")
+
+
+def listing(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
+  """Every path under `directory`, with its size and modification time."""
+  return {str(p.relative_to(directory)): (p.stat().st_size,
+                                          p.stat().st_mtime_ns)
+          for p in directory.rglob("*")}
+
+
+def test_the_tools_read_a_live_run_on_another_device_count(
+    run, evaluated, results, mnist_dir, tmp_path):
+  """With the workdir's lock held, as by a run still training there, and 3
+  devices where the run had 1: the same numbers, and nothing in the
+  workdir created or changed."""
+  images = mnist.load_mnist(mnist_dir, check_md5=False)["test"].images[:200]
+  np.save(tmp_path / "images.npy", images)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  live = Workdir(run)
+  live.take_lock()
+  try:
+    before = listing(run)
+    # cwd: not the checkout, where the default config's relative data_dir
+    # could be found.
+    proc = subprocess.run(
+        [sys.executable, "-c", TOOLS_ON_THREE_DEVICES, str(run),
+         str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    after = listing(run)
+  finally:
+    live.release_lock()
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.splitlines()[-1]) == {"devices": 3}
+  assert after == before
+
+  record = json.loads((tmp_path / "eval" / "eval.json").read_text())
+  one_device = json.loads((evaluated[1] / "eval.json").read_text())
+  assert record["step"] == one_device["step"] == results["step"]
+  assert record["accuracy"] == one_device["accuracy"] == (
+      results["test_accuracy"])
+  assert record["confusion_matrix"] == one_device["confusion_matrix"]
+  assert record["loss"] == pytest.approx(one_device["loss"], rel=1e-5)
+  expected = trained.load(run, "latest").predict_logits(images)
+  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected,
+                             rtol=1e-5, atol=1e-5)
+  exported = jax.export.deserialize(bytearray(
+      (tmp_path / "export" / "model.jax_export").read_bytes()))
+  np.testing.assert_allclose(exported.call(images),
+                             classification.softmax(expected), atol=1e-5)
 
 
 # --- User errors ---------------------------------------------------------------
