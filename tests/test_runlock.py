@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -168,13 +170,15 @@ def blob(workdir: str):
   return storage.Client().bucket(bucket).blob(f"{prefix}/lock.json")
 
 
-def write_foreign(workdir: str, expires_in: float, pid: int = 4242) -> None:
+def write_foreign(workdir: str, expires_in: float, pid: int = 4242,
+                  lease_seconds: float = LEASE) -> None:
   """Another run's lease, written as that run would (or left behind)."""
   expires = (datetime.datetime.now(datetime.timezone.utc)
              + datetime.timedelta(seconds=expires_in))
   blob(workdir).upload_from_string(json.dumps(dict(
       host="other-host", pid=pid, started="2024-01-01T00:00:00+00:00",
-      expires=expires.isoformat(), lease_seconds=LEASE, token="theirs")))
+      expires=expires.isoformat(), lease_seconds=lease_seconds,
+      token="theirs")))
 
 
 def test_gcs_second_run_refused_while_holder_renews(gcs_server, gcs_bucket):
@@ -219,6 +223,47 @@ def test_gcs_lease_expired_long_ago_is_taken_at_once(gcs_server, gcs_bucket):
   assert seconds < LEASE / 2
   assert lock_object(gcs_server, workdir)["pid"] == os.getpid()
   lock.release()
+
+
+def test_gcs_dead_holder_of_a_long_lease_is_taken_over_in_bounded_time(
+    gcs_server, gcs_bucket, monkeypatch, caplog):
+  """lock.json of a dead holder that wrote a lease of an hour, expiring in
+  the future: holders renew at least every RENEW_EVERY_MAX_S, so it is taken
+  over after MAX_SILENCE_S (scaled down here) without a renewal, and the
+  wait says how long it still has to go."""
+  assert (lease.RENEW_EVERY_MAX_S, lease.MAX_SILENCE_S) == (20, 60)
+  monkeypatch.setattr(lease, "MAX_SILENCE_S", LEASE)
+  monkeypatch.setattr(lease, "WATCH_LOG_EVERY_S", LEASE / 4)
+  workdir = f"{gcs_bucket}/run"
+  write_foreign(workdir, expires_in=3600, lease_seconds=3600)
+  caplog.set_level(logging.INFO)
+  taken = []
+  # A thread: without the bound it would wait an hour.
+  worker = threading.Thread(daemon=True, target=lambda: taken.append(
+      timed_acquire(workdir, lease_seconds=LEASE)))
+  worker.start()
+  worker.join(timeout=LEASE + 10)
+  assert taken, "still waiting for the dead holder's hour-long lease"
+  lock, seconds = taken[0]
+  assert LEASE - 0.1 <= seconds < LEASE + 2
+  notes = [r.getMessage() for r in caplog.records
+           if "taking it over in" in r.getMessage()]
+  assert len(notes) >= 2, caplog.text
+  assert lock_object(gcs_server, workdir)["pid"] == os.getpid()
+  lock.release()
+
+
+def test_gcs_holder_renews_within_the_bound_whatever_its_lease(
+    gcs_server, gcs_bucket):
+  """A lease longer than MAX_SILENCE_S is held as MAX_SILENCE_S: that is
+  what lock.json says, and what others wait for."""
+  workdir = f"{gcs_bucket}/run"
+  with lease.Lease.acquire(workdir, 3600):
+    info = lock_object(gcs_server, workdir)
+  assert info["lease_seconds"] == lease.MAX_SILENCE_S
+  expires = datetime.datetime.fromisoformat(info["expires"])
+  left = expires - datetime.datetime.now(datetime.timezone.utc)
+  assert 0 < left.total_seconds() <= lease.MAX_SILENCE_S
 
 
 def test_gcs_racing_starters_one_wins(gcs_bucket, monkeypatch):
@@ -318,7 +363,7 @@ def test_gcs_unreachable_server_is_one_line_in_bounded_time(
 def test_lease_period_from_environment(gcs_server, gcs_bucket, monkeypatch):
   monkeypatch.delenv(runlock.LEASE_ENV, raising=False)
   assert runlock.lease_from_env() == runlock.LEASE_SECONDS == 60
-  for bad in ("abc", "0.5", "nan"):
+  for bad in ("abc", "0.5", "nan", "61", "3600"):
     monkeypatch.setenv(runlock.LEASE_ENV, bad)
     with pytest.raises(RunDirError, match=runlock.LEASE_ENV):
       runlock.lease_from_env()

@@ -2,12 +2,12 @@
 
 lock.json holds the holder and an expiry; it is created only if absent and
 replaced only if unchanged (generation preconditions: compare-and-swap), and
-renewed every lease/3 by a daemon thread. A run that finds a lease of
-someone else watches it for up to one lease period (its own clock): a
-renewal means the holder is alive and the run is refused; no renewal means
-the holder died and it is taken over. A holder whose renewal finds the
-object changed, or that could not renew for a whole lease, has lost the
-lock: `check()` raises.
+renewed every min(lease/3, 20 s) by a daemon thread. A run that finds a
+lease of someone else watches it (its own clock) for three renewal periods,
+at most MAX_SILENCE_S whatever lease the holder wrote: a renewal means the
+holder is alive and the run is refused; none means it died, and the lease is
+taken over. A holder whose renewal finds the object changed, or that could
+not renew for that long, has lost the lock: `check()` raises.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ from mnist_resnet.workdir.rundir import RunDirError
 
 # --- Cloud Storage: a lease with generation preconditions ------------------
 
+# Holders renew at least this often, so a lease unrenewed for three times as
+# long belongs to a dead run, whatever lease_seconds its lock.json says.
+RENEW_EVERY_MAX_S = 20.0
+MAX_SILENCE_S = 3 * RENEW_EVERY_MAX_S
+# How often a run watching another's lease says how long it still waits.
+WATCH_LOG_EVERY_S = 10.0
+
 
 class _Seen:
   """lock.json as read: its generation and holder (None if unreadable)."""
@@ -60,10 +67,12 @@ class Lease(Lock):
     self._workdir = workdir
     self._bucket = bucket
     self._lease = lease
-    # Every request gives up after a third of a lease: a renewal must land
+    # Silent this long, the lease is another run's to take: lost.
+    self._period = silence_limit(lease)
+    # Every request gives up after one renewal period: a renewal must land
     # before the next one is due, and an unreachable bucket fails in bounded
     # time.
-    self._deadline = lease / 3
+    self._deadline = self._period / 3
     client, self._retry = _client(self.path, self._deadline)
     self._blob = client.bucket(bucket).blob(
         f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME)
@@ -119,7 +128,7 @@ class Lease(Lock):
         f"workdir {self._workdir} is in use by another run "
         f"({describe(seen.holder)}; it renews its lease in {self.path}): "
         f"{PROCEED}; a killed run frees it within "
-        f"{_holder_lease(seen, self._lease):.0f} s")
+        f"{silence_limit(_holder_lease(seen, self._lease)):.0f} s")
 
   def _long_expired(self, seen: _Seen) -> bool:
     """Expired more than a lease ago: dead even if clocks differ by a lease."""
@@ -133,13 +142,18 @@ class Lease(Lock):
   def _watch(self, seen: _Seen) -> _Seen | None:
     """lock.json after up to one lease period: changed as soon as it changes
     (renewed, or taken by another), None once released, else unchanged."""
-    period = _holder_lease(seen, self._lease)
+    period = silence_limit(_holder_lease(seen, self._lease))
     logging.info("%s is held by %s; watching it for up to %.0f s", self.path,
                  describe(seen.holder), period)
     end = time.monotonic() + period
+    next_note = time.monotonic() + WATCH_LOG_EVERY_S
     latest = seen
     while latest is not None and latest.generation == seen.generation and (
         left := end - time.monotonic()) > 0:
+      if time.monotonic() >= next_note:
+        logging.info("%s not renewed yet: taking it over in %.0f s unless "
+                     "it is", self.path, left)
+        next_note += WATCH_LOG_EVERY_S
       time.sleep(min(max(0.2, period / 30), left))
       latest = self._read()
     return latest
@@ -155,7 +169,7 @@ class Lease(Lock):
   # Renewal.
 
   def _renew_forever(self) -> None:
-    while not self._stop.wait(self._lease / 3) and self._lost is None:
+    while not self._stop.wait(self._period / 3) and self._lost is None:
       self._renew()
 
   def _renew(self) -> None:
@@ -195,7 +209,7 @@ class Lease(Lock):
     if self._lost is not None:
       raise RunDirError(self._lost)
     silent = time.monotonic() - self._renewed_at
-    if silent > self._lease:
+    if silent > self._period:
       raise RunDirError(
           f"could not renew the lock {self.path} for {silent:.0f} s "
           f"({self._last_error}); another run may have taken over the "
@@ -223,8 +237,8 @@ class Lease(Lock):
     except (google_errors.PreconditionFailed, google_errors.NotFound):
       pass  # no longer ours, or gone
     except RunDirError as e:
-      logging.warning("could not remove the lock (%s); it expires by itself "
-                      "within %.0f s", e, self._lease)
+      logging.warning("could not remove the lock (%s); another run takes it "
+                      "over within %.0f s", e, self._period)
 
   # Requests.
 
@@ -243,8 +257,8 @@ class Lease(Lock):
   def _upload(self, generation: int) -> None:
     """Writes our lease if lock.json is at `generation`; notes the new one."""
     started = time.monotonic()
-    expires = utc_now() + datetime.timedelta(seconds=self._lease)
-    holder = holder_info(self._started, expires, lease_seconds=self._lease,
+    expires = utc_now() + datetime.timedelta(seconds=self._period)
+    holder = holder_info(self._started, expires, lease_seconds=self._period,
                           token=self._token)
     self._call("write", self._blob.upload_from_string,
                json.dumps(holder) + "\n", content_type="application/json",
@@ -253,7 +267,7 @@ class Lease(Lock):
     self._renewed_at = started
 
   def _call(self, what: str, method, *args, **kwargs):
-    """One request, retried for at most a third of a lease. NotFound and
+    """One request, retried for at most one renewal period. NotFound and
     PreconditionFailed pass through; any other failure is one RunDirError."""
     from google.cloud.storage import exceptions as storage_errors  # pylint: disable=g-import-not-at-top
     try:
@@ -270,6 +284,12 @@ class Lease(Lock):
             OSError) as e:
       raise RunDirError(f"cannot {what} {self.path}: "
                         f"{_describe_error(e)}") from None
+
+
+def silence_limit(lease: float) -> float:
+  """How long a lease of `lease` seconds may go unrenewed before another run
+  takes it over: the lease, at most MAX_SILENCE_S."""
+  return min(lease, MAX_SILENCE_S)
 
 
 def _holder_lease(seen: _Seen, default: float) -> float:

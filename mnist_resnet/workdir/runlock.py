@@ -24,7 +24,8 @@ from mnist_resnet.workdir.lock_holder import Lock
 from mnist_resnet.workdir.rundir import RunDirError
 
 # Seconds a Cloud Storage lease lasts without renewal: the longest a restart
-# after a killed run waits. MNIST_RESNET_LOCK_LEASE_SECONDS overrides it.
+# after a killed run waits. MNIST_RESNET_LOCK_LEASE_SECONDS overrides it
+# (1 to lease.MAX_SILENCE_S).
 LEASE_SECONDS = 60.0
 LEASE_ENV = "MNIST_RESNET_LOCK_LEASE_SECONDS"
 
@@ -58,7 +59,9 @@ def lease_from_env() -> float:
 
 
 def _checked_lease(seconds: float) -> float:
-  if not (math.isfinite(seconds) and seconds >= 1):
-    raise RunDirError(f"the lock lease must be at least 1 s, not {seconds} "
-                      f"({LEASE_ENV})")
+  # Longer would not help: holders renew at least every 20 s, so another
+  # run takes over a lease unrenewed for 60 s whatever it says.
+  if not (math.isfinite(seconds) and 1 <= seconds <= lease.MAX_SILENCE_S):
+    raise RunDirError(f"the lock lease must be 1 to {lease.MAX_SILENCE_S:.0f}"
+                      f" s, not {seconds} ({LEASE_ENV})")
   return float(seconds)
