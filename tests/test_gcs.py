@@ -1,14 +1,18 @@
 """A workdir in a Cloud Storage bucket, end to end through train.py, on the
 local Cloud Storage server: train, SIGTERM, resume, all from the bucket, and
-nothing written locally; a bucket that cannot be used is one line, exit 2."""
+nothing written locally; evaluate, predict and export read it; a bucket
+that cannot be used, or goes away, and a lock taken over are one line,
+exit 2."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -19,12 +23,18 @@ import urllib.parse
 import urllib.request
 
 from etils import epath
+import PIL.Image
+import PIL.ImageDraw
 import pytest
 from test_metrics import board_scalars
 from test_train import SMOKE
 
 from conftest import CACHE_FLAG
 from conftest import REPO_ROOT
+from mnist_resnet.core.errors import ConfigError
+from mnist_resnet.training import validation
+from mnist_resnet.workdir import runlock
+from tests import gcs_emulator
 
 PREEMPTED = 75
 STEPS = 120
@@ -126,6 +136,7 @@ class Runs:
   resumed: tuple[str, list[str], Run]
   stopped: int             # The step the preempted run saved at.
   after_sigterm: list[str]   # The resumed bucket's objects after SIGTERM.
+  rerun_stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +163,8 @@ def runs(gcs_server, mnist_dir, tmp_path_factory) -> Runs:
   return Runs(
       straight=(buckets[0], gcs_server.list_objects(buckets[0]), straight),
       resumed=(buckets[1], gcs_server.list_objects(buckets[1]), resumed),
-      stopped=stopped, after_sigterm=after_sigterm)
+      stopped=stopped, after_sigterm=after_sigterm,
+      rerun_stderr=rerun.stderr)
 
 
 def preempt(gcs_server, run: Run, bucket: str, args) -> tuple[int, list[str]]:
@@ -200,6 +212,12 @@ def test_sigterm_then_rerun_resumes_from_the_bucket(runs):
   # The preempted run's only checkpoint is the preemption's.
   assert 5 <= runs.stopped < STEPS
   assert "run/results.json" not in runs.after_sigterm
+  # It gave its lease back (a lease, unlike a local flock, outlives its
+  # process), so the rerun took the workdir at once, without watching a
+  # lease for up to a minute.
+  assert "run/lock.json" not in runs.after_sigterm
+  assert "watching it" not in runs.rerun_stderr
+  assert "took over" not in runs.rerun_stderr
   bucket, names, _ = runs.resumed
   workdir = f"gs://{bucket}/run"
   resumed = results(workdir)
@@ -258,3 +276,198 @@ def test_unreachable_server_is_one_line(gcs_server, mnist_dir, tmp_path):
   proc = run(workdir, f"--config.data_dir={mnist_dir}", *ARGS, timeout=120)
   line = assert_one_line_exit_2(run, proc)
   assert "gs://some-bucket/run" in line
+
+
+def command(run: Run, module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m module ARGS` as `run` runs train.py (its cwd, HOME, TMPDIR
+  and the local Cloud Storage server)."""
+  return subprocess.run([sys.executable, "-m", module, *args],
+                        cwd=run.places["cwd"], env=run.env | {
+                            "PYTHONPATH": str(REPO_ROOT)},
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_evaluate_predict_export_read_the_bucket(runs, mnist_dir, tmp_path):
+  """The tools of a finished run take its gs:// workdir as they take a
+  directory: evaluate writes its report into the bucket, predict and export
+  read the checkpoint from it."""
+  bucket, _, _ = runs.straight
+  workdir = f"gs://{bucket}/run"
+  run = Run(tmp_path / "tools", runs.straight[2].env)
+  evaluated = command(run, "mnist_resnet.evaluate", f"--workdir={workdir}",
+                      f"--data_dir={mnist_dir}")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  accuracy = float(evaluated.stdout.split("accuracy ")[1].split()[0])
+  assert accuracy == pytest.approx(results(workdir)["test_accuracy"],
+                                   abs=1e-4)
+  report = json.loads(epath.Path(f"{workdir}/eval_{STEPS}/eval.json")
+                      .read_text())
+  assert report["step"] == STEPS and report["eval_examples"] == 10000
+
+  digit = tmp_path / "digit.png"
+  image = PIL.Image.new("L", (28, 28))
+  PIL.ImageDraw.Draw(image).line([(14, 4), (14, 23)], fill=255, width=3)
+  image.save(digit)  # A one.
+  predicted = command(run, "mnist_resnet.predict", f"--workdir={workdir}",
+                      str(digit))
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  (line,) = predicted.stdout.splitlines()
+  assert 0 <= json.loads(line)["digit"] <= 9
+
+  out = tmp_path / "export"
+  exported = command(run, "mnist_resnet.export", f"--workdir={workdir}",
+                     f"--out={out}", "--formats=jax_export")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  manifest = json.loads((out / "export.json").read_text())
+  assert (manifest["step"], manifest["workdir"]) == (STEPS, workdir)
+  assert run.local_files() == []
+
+
+@pytest.mark.parametrize("name, why", [
+    ("b1", "3 to 63 characters"), ("a" * 64, "3 to 63 characters"),
+    ("My-Bucket", "lowercase"), ("-bucket", "starts and ends"),
+    ("bucket.", "starts and ends"), ("a" * 64 + ".b", "between dots"),
+    ("goog-runs", "goog"), ("my-google-runs", "google"),
+    ("192.168.5.4", "IP address")])
+def test_bucket_names_cloud_storage_refuses(name, why):
+  with pytest.raises(ConfigError) as raised:
+    validation.validate_workdir(f"gs://{name}/run")
+  assert str(raised.value).startswith(f"--workdir=gs://{name}/run: {name!r} "
+                                      "is not a Cloud Storage bucket name")
+  assert why in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["abc", "a" * 63, "runs_2024-01.v2",
+                                  "a" * 63 + "." + "b" * 63])
+def test_bucket_names_cloud_storage_takes(name):
+  validation.validate_workdir(f"gs://{name}/run")
+
+
+def test_bad_bucket_name_is_one_line_before_anything_runs(
+    gcs_server, mnist_dir, tmp_path):
+  """gs://b1: the local server takes any name, Cloud Storage (and
+  tensorstore, at the first save) does not; train.py and the tools say so
+  at once."""
+  with contextlib.suppress(urllib.error.HTTPError):  # made by an earlier run
+    gcs_server.create_bucket("b1")
+  run = Run(tmp_path, gcs_server.env())
+  proc = run("gs://b1/run", f"--config.data_dir={mnist_dir}", *ARGS,
+             timeout=120)
+  line = assert_one_line_exit_2(run, proc)
+  assert line.startswith("error: --workdir=gs://b1/run: 'b1' is not a Cloud "
+                         "Storage bucket name"), line
+  assert gcs_server.list_objects("b1") == []
+  tool = command(run, "mnist_resnet.evaluate", "--workdir=gs://b1/run")
+  assert tool.returncode == 2, tool.stderr[-3000:]
+  assert tool.stderr.strip().splitlines() == [
+      "error: workdir gs://b1/run: 'b1' is not a Cloud Storage bucket name: "
+      "a name has 3 to 63 characters (222 with dots), not 2"]
+
+
+def wait_for_object(gcs_server, bucket: str, name: str,
+                    proc: subprocess.Popen) -> None:
+  deadline = time.monotonic() + 240
+  while read_object(gcs_server, bucket, name) is None:
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError(f"no {name}:\n" + wait(proc)[-3000:])
+    time.sleep(0.05)
+
+
+def generations(gcs_server, bucket: str) -> dict[str, str]:
+  """name -> generation of every object in `bucket`."""
+  with urllib.request.urlopen(
+      f"{gcs_server.url}/storage/v1/b/{bucket}/o", timeout=10) as r:
+    return {o["name"]: o["generation"]
+            for o in json.load(r).get("items", [])}
+
+
+@pytest.mark.slow
+def test_a_run_whose_lease_was_taken_over_stops_writing_nothing(
+    gcs_server, mnist_dir, tmp_path):
+  """Another run takes the lease over (as after believing this one dead):
+  this run stops at its next checkpoint at the latest, with one line and
+  exit 2, and writes nothing from then on: the lock, the metrics and the
+  checkpoints are the new holder's."""
+  bucket = f"taken-{os.getpid()}"
+  gcs_server.create_bucket(bucket)
+  workdir = f"gs://{bucket}/run"
+  # A short lease: the takeover is noticed within 2 s (one renewal), long
+  # before the next checkpoint (step 100) or metrics write (10 s later).
+  run = Run(tmp_path, gcs_server.env() | {runlock.LEASE_ENV: "6"})
+  proc = run.start(workdir, f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=2000",
+                   "--config.checkpoint_every_steps=100",
+                   "--config.log_every_steps=10",
+                   "--config.eval_every_steps=0")
+  try:
+    wait_for_object(gcs_server, bucket, "run/metrics.jsonl", proc)
+    while not any(n.startswith("run/events.") for n in
+                  gcs_server.list_objects(bucket)):  # the same flush's
+      time.sleep(0.05)
+    from google.cloud import storage  # pylint: disable=g-import-not-at-top
+    theirs = storage.Client().bucket(bucket)
+    theirs.blob("run/lock.json").upload_from_string(json.dumps(dict(
+        host="other-host", pid=4242, started="2024-01-01T00:00:00+00:00",
+        expires="2099-01-01T00:00:00+00:00", lease_seconds=60,
+        token="theirs")))
+    theirs.blob("run/metrics.jsonl").upload_from_string('{"step": 1}\n')
+    taken_over = generations(gcs_server, bucket)
+    stderr = wait(proc, timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 2, stderr[-3000:]
+  assert "Traceback" not in stderr
+  lines = stderr.strip().splitlines()
+  assert [l for l in lines if l.startswith("error:")] == lines[-1:]
+  assert lines[-1].startswith(f"error: lost the lock of workdir {workdir} "
+                              "(gs://"), lines[-1]
+  assert "now held by host other-host, pid 4242" in lines[-1]
+  logged = [int(step) for step in re.findall(r"step (\d+):", stderr)]
+  assert max(logged) <= 100, logged  # Stopped at the next checkpoint.
+  assert generations(gcs_server, bucket) == taken_over
+  assert checkpoint_steps(list(taken_over)) == []
+  assert read_object(gcs_server, bucket, "run/metrics.jsonl") == (
+      b'{"step": 1}\n')
+
+
+@pytest.mark.slow
+def test_a_bucket_gone_for_good_is_one_line_within_the_lease(
+    mnist_dir, tmp_path):
+  """The Cloud Storage server dies during a run (its own server here, not
+  the session's): the run ends with the first error in one line, exit 2,
+  within the lease plus 60 s (gcsfs gives up a request after about 30 s of
+  retries), not after writes on close wait out theirs again."""
+  server = gcs_emulator.GcsEmulator(tmp_path / "fake-gcs-server.log")
+  try:
+    server.create_bucket("going")
+    run = Run(tmp_path / "run", server.env() | {runlock.LEASE_ENV: "10"})
+    proc = run.start("gs://going/run", f"--config.data_dir={mnist_dir}",
+                     "--config.download=false",
+                     "--config.num_train_steps=40",
+                     "--config.eval_every_steps=100000",
+                     "--config.checkpoint_every_steps=10",
+                     "--config.log_every_steps=10")
+    deadline = time.monotonic() + 240
+    while "step 30:" not in proc.stderr_path.read_text():
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        raise AssertionError("no step 30:\n" + wait(proc)[-3000:])
+      time.sleep(0.05)
+  finally:
+    server.stop()  # At step 30, as it saves.
+  gone = time.monotonic()
+  stderr = wait(proc, timeout=200)
+  took = time.monotonic() - gone
+  assert proc.returncode == 2, stderr[-3000:]
+  assert took < 10 + 60, (took, stderr[-3000:])
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert [l for l in lines if l.startswith("error:")] == lines[-1:], (
+      stderr[-3000:])
+  assert re.match(r"error: (cannot write gs://going/run/|cannot reach |"
+                  r"could not renew the lock |lost the lock )",
+                  lines[-1]), lines[-1]

@@ -21,10 +21,11 @@ import pytest
 from test_train import tensorboard_scalars
 
 from conftest import REPO_ROOT
-from mnist_resnet.core import files
+from mnist_resnet.core.errors import WriteError
 from mnist_resnet.training import progress
 from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
+from mnist_resnet.workdir.rundir import RunDirError
 from mnist_resnet.workdir.workdir import Workdir
 
 
@@ -274,8 +275,9 @@ def no_local_writes(tmp_path, monkeypatch):
 def test_a_failed_write_reaches_the_caller(tmp_path, monkeypatch,
                                            no_local_writes):
   """A full disk when the event file is copied into the workdir: the error
-  names that file (one line for the user, files.write_failure) and reaches
-  the caller of flush()/close(); close() removes the local file even so."""
+  names that file in one line and reaches the caller of flush(); close()
+  then writes nothing more (no second error over the first) and removes
+  the local file even so."""
   write_atomic = rundir.write_atomic
 
   def full_disk(path, data):
@@ -285,14 +287,58 @@ def test_a_failed_write_reaches_the_caller(tmp_path, monkeypatch,
   monkeypatch.setattr(rundir, "write_atomic", full_disk)
   reporter = Workdir(tmp_path / "run").open_metrics(writes=True, total_steps=2,
                                 start_step=0)
-  with pytest.raises(OSError) as raised:
+  with pytest.raises(WriteError) as raised:
     reporter.scalars(1, {"loss": 1.0})  # The first write is at once.
-  assert str(files.write_failure(raised.value)).startswith(
+  assert str(raised.value).startswith(
       f"cannot write {tmp_path}/run/events.out.tfevents.")
-  with pytest.raises(OSError):
-    reporter.close()
+  reporter.scalars(2, {"loss": 2.0})
+  reporter.close()
   no_local_writes()
   assert not event_files(tmp_path / "run")
+
+
+def test_a_lost_bucket_is_one_error_then_no_more_writes(
+    gcs_server, gcs_bucket, monkeypatch, no_local_writes):
+  """The bucket goes away: the write that finds out (after gcsfs's retries,
+  about 30 s) raises one WriteError naming the file; flush() and close()
+  after it try nothing more, so the run ends on that first error instead of
+  waiting out the retries again and raising from close()."""
+  tries = []
+
+  def gone(path, data):
+    tries.append(path.name)
+    raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")
+  workdir = f"{gcs_bucket}/run"
+  reporter = Workdir(workdir).open_metrics(writes=True, total_steps=3,
+                                           start_step=0)
+  monkeypatch.setattr(rundir, "write_atomic", gone)
+  with pytest.raises(WriteError) as raised:
+    reporter.scalars(1, {"loss": 1.0})
+  assert str(raised.value) == (
+      f"cannot write {workdir}/metrics.jsonl: [Errno 111] Connect call "
+      "failed ('127.0.0.1', 1)")
+  reporter.scalars(2, {"loss": 2.0})
+  reporter.flush()
+  reporter.close()
+  assert tries == ["metrics.jsonl"]
+  no_local_writes()
+
+
+def test_a_workdir_taken_over_gets_no_more_metrics(tmp_path):
+  """Once the workdir's lock is lost, the metrics write nothing more: the
+  files are the new holder's."""
+  run = Workdir(tmp_path / "run")
+  run.take_lock()
+  reporter = run.open_metrics(writes=True, total_steps=3, start_step=0)
+  reporter.scalars(1, {"loss": 1.0})
+  written = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+  os.remove(tmp_path / "run" / "lock.json")  # Another run's now.
+  with pytest.raises(RunDirError, match="removed or replaced"):
+    run.check_lock()
+  reporter.scalars(2, {"loss": 2.0})
+  reporter.close()
+  run.release_lock()
+  assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == written
 
 
 def test_reporter_on_a_bucket_writes_nothing_locally(gcs_server, gcs_bucket,

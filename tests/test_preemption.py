@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from test_gcs import read_object
 from test_train import SMOKE
 from test_train import logged_steps
 from test_train import results
@@ -118,19 +119,28 @@ def test_signal_saves_current_step_and_resumes_exactly(
     (signal.SIGTERM, PREEMPTED, "imports"),
     (signal.SIGTERM, PREEMPTED, "data"),
     (signal.SIGINT, INTERRUPTED, "data"),
-    (signal.SIGHUP, PREEMPTED, "data")])
+    (signal.SIGHUP, PREEMPTED, "data"),
+    (signal.SIGTERM, PREEMPTED, "lease")])
 def test_signal_during_start_up_exits_at_once(mnist_dir, tmp_path, signum,
-                                              code, when):
+                                              code, when, gcs_server):
   """Before the first step (imports, data, compile, restore) there is
   nothing to save: one line, the signal's exit code, at once, the lock
-  released. SIGHUP (a closed terminal) counts as SIGTERM."""
+  released. SIGHUP (a closed terminal) counts as SIGTERM. "lease": a gs://
+  workdir, whose lease (unlike a local flock) outlives the process unless
+  the run gives it back."""
   workdir = tmp_path / "run"
+  if when == "lease":
+    bucket = f"start-up-{os.getpid()}"
+    workdir = gcs_server.create_bucket(bucket) + "/run"
   proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
   # The handlers are installed before train.py imports anything slow (JAX
   # takes seconds); the first line on stderr comes later (data loading).
   first = ""
   if when == "imports":
     time.sleep(1.0)
+  elif when == "lease":
+    wait_for(lambda: read_object(gcs_server, bucket, "run/lock.json"), proc)
+    time.sleep(0.5)  # Out of take_lock, on to the data.
   else:
     first = proc.stderr.readline()
     assert first, "no output"
@@ -141,6 +151,9 @@ def test_signal_during_start_up_exits_at_once(mnist_dir, tmp_path, signum,
   assert proc.returncode == code, stderr[-3000:]
   assert "Traceback" not in stderr
   assert stderr.rstrip().splitlines()[-1].startswith("stopped: "), stderr
+  if when == "lease":
+    assert read_object(gcs_server, bucket, "run/lock.json") is None
+    return
   assert checkpoint_steps(workdir) == []
   # The lock went with the process.
   runlock.acquire(workdir).release()

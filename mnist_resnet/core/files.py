@@ -1,14 +1,17 @@
-"""Local files: new files with the usual permissions, places a run can write
-to, and what a failed write means to a user.
+"""Files: new files with the usual permissions, places a run can write
+to (a local directory, a bucket name Cloud Storage accepts), and what a
+failed write means to a user.
 
 Orbax writes checkpoints through tensorstore, which reports a full disk not
 as an OSError but as a ValueError whose message ends in
-`[os_error_code='28']`; `write_failure` understands both.
+`[os_error_code='28']`; `write_failure` understands both, and a bucket that
+cannot be reached any more.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import secrets
@@ -16,6 +19,7 @@ from typing import Optional
 
 from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.core.errors import WriteError
+from mnist_resnet.core.errors import one_line
 
 # What a user fixes by freeing space, choosing another directory or changing
 # permissions: never a bug, so one line, not a traceback.
@@ -28,6 +32,16 @@ WRITE_ERRNOS = frozenset({
 # (checked with orbax-checkpoint 0.12.8, tensorstore 0.1.86).
 _TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _QUOTED = re.compile(r'"([^"]+)"')
+# A store that went away (a bucket's server, the network): what gcsfs's
+# transport (aiohttp) raises once its retries are spent. Also a user's to
+# fix, and it ends a run the same way.
+UNREACHABLE_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
+    errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+    errno.EHOSTDOWN, errno.ENETDOWN})
+# Cloud Storage's bucket names: docs/operations.md#workdir-in-a-bucket.
+_BUCKET_CHARACTERS = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
+_DOTTED_DECIMAL = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -87,17 +101,72 @@ def write_failure(error: BaseException) -> Optional[WriteError]:
   """The one-line WriteError that `error` stands for when it, or any
   exception in its chain, is a failed write a user can fix (disk full, out
   of inodes, quota, read-only file system, permissions, a path through a
-  file, a name too long); None otherwise."""
+  file, a name too long, a store that cannot be reached); None
+  otherwise."""
   for e in _causes(error):
     if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
       filename = e.filename if e.filename is not None else e.filename2
       return _write_error(
           os.fsdecode(filename) if filename is not None else None,
           e.strerror or os.strerror(e.errno))
+    if isinstance(e, OSError) and e.errno in UNREACHABLE_ERRNOS:
+      where = f" {os.fsdecode(e.filename)}" if e.filename else " the storage"
+      return WriteError(f"cannot reach{where}: {one_line(e, limit=300)}")
     failure = _tensorstore_failure(e)
     if failure is not None:
       return failure
   return None
+
+
+class _RaisedAnyway(logging.Filter):
+  """Drops gcsfs's log of a request that failed for good: it logs it with a
+  traceback, then raises the same error to its caller, which reports it."""
+
+  # By message text: gcsfs/retry.py's retry_request (gcsfs 2026.10.1).
+  _TEXTS = ("out of retries on exception", "non-retriable exception")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(t in str(record.msg) for t in self._TEXTS)
+
+
+def quiet_storage_retries() -> None:
+  """One line for a bucket that went away, not a traceback per request."""
+  logger = logging.getLogger("gcsfs")
+  if not any(isinstance(f, _RaisedAnyway) for f in logger.filters):
+    logger.addFilter(_RaisedAnyway())
+
+
+def _bucket_problem(bucket: str) -> Optional[str]:
+  """Why Cloud Storage would refuse `bucket` as a bucket name, or None."""
+  limit = 222 if "." in bucket else 63
+  if not 3 <= len(bucket) <= limit:
+    return (f"a name has 3 to 63 characters (222 with dots), not "
+            f"{len(bucket)}")
+  if not _BUCKET_CHARACTERS.fullmatch(bucket):
+    return ("a name has only lowercase letters, digits, '-', '_' and '.', "
+            "and starts and ends with a letter or digit")
+  if any(len(part) > 63 for part in bucket.split(".")):
+    return "each part between dots has at most 63 characters"
+  if bucket.startswith("goog") or "google" in bucket:
+    return "a name may not start with 'goog' or contain 'google'"
+  if _DOTTED_DECIMAL.fullmatch(bucket):
+    return "a name may not be an IP address"
+  return None
+
+
+def check_bucket_name(location: str, label: str) -> None:
+  """Unless the bucket of a gs:// `location` has a name Cloud Storage
+  accepts, raises ConfigError: `label` (the flag and its value), then why.
+  Found here, not by a traceback from the first checkpoint's save."""
+  if not location.startswith("gs://"):
+    return
+  bucket = location[len("gs://"):].partition("/")[0]
+  if not bucket:
+    raise ConfigError(f"{label}: names no bucket (gs://BUCKET/PATH)")
+  problem = _bucket_problem(bucket)
+  if problem is not None:
+    raise ConfigError(f"{label}: {bucket!r} is not a Cloud Storage bucket "
+                      f"name: {problem}")
 
 
 def _name_max(directory: str) -> int:

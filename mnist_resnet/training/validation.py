@@ -143,13 +143,14 @@ def validate_splits(config: ml_collections.ConfigDict,
 def validate_workdir(workdir: str) -> None:
   """A workdir that cannot hold the run is reported before anything runs.
 
-  Local paths only: a component that is a file, a read-only file system, no
-  permission, a name too long. Locations with a scheme (gs://...) are
-  checked by the storage layer that serves them.
+  Local paths: a component that is a file, a read-only file system, no
+  permission, a name too long. gs://: a bucket name Cloud Storage accepts;
+  the rest is found by the lock, which reaches the bucket first.
   """
   if not isinstance(workdir, str) or not workdir.strip():
     raise ConfigError(f"--workdir={workdir!r}: must name a directory for "
                       "checkpoints and results")
   if files.is_remote(workdir):
+    files.check_bucket_name(workdir, f"--workdir={workdir}")
     return
   files.check_writable_dir(workdir, f"--workdir={workdir}")

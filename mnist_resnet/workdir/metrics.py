@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from typing import Any
+from typing import Callable
 from typing import Mapping
 
 from absl import logging
@@ -25,6 +26,9 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.proto import summary_pb2
 from tensorboardX.proto import tensor_pb2
 
+from mnist_resnet.core import files
+from mnist_resnet.core.errors import WriteError
+from mnist_resnet.core.errors import one_line
 from mnist_resnet.workdir import rundir
 
 # metrics.jsonl and the event file are rewritten whole at most this often
@@ -52,16 +56,24 @@ class Reporter:
   again, and must not repeat them), and is written whole, like the event
   file: object stores cannot append. Both are written at most every
   WRITE_INTERVAL_S, and on `flush()` (the loop calls it at each checkpoint)
-  and `close()`.
+  and `close()`. `check`, if given, runs before each write and raises once
+  the workdir is no longer this run's (its lock lost).
+
+  After a write fails, or `check` or `stop_writing()` says so, nothing more
+  is written: the first error is the one reported, and a bucket that went
+  away does not make every later write wait out its retries again.
   """
 
   def __init__(self, metrics_file: epath.Path, events_dir: epath.Path, *,
-               writes: bool, total_steps: int, start_step: int):
+               writes: bool, total_steps: int, start_step: int,
+               check: Callable[[], None] | None = None):
     self.writes = writes
     self._bar = None
     self._events = None
     self._rows: list[str] = []
     self._dirty = False
+    self._stopped = False
+    self._check = check
     self._last_write = -math.inf
     if writes:
       self._jsonl = metrics_file
@@ -111,12 +123,22 @@ class Reporter:
 
   def flush(self) -> None:
     """Writes metrics.jsonl and the event file, if anything is new."""
-    if self._events is None or not self._dirty:
+    if self._events is None or not self._dirty or self._stopped:
       return
-    rundir.write_atomic(self._jsonl, "".join(self._rows))
-    self._events.flush()
+    try:
+      if self._check is not None:
+        self._check()
+      _write(self._jsonl, "".join(self._rows))
+      self._events.flush()
+    except Exception:
+      self._stopped = True
+      raise
     self._dirty = False
     self._last_write = time.monotonic()
+
+  def stop_writing(self) -> None:
+    """Nothing more reaches the files: the workdir is another run's now."""
+    self._stopped = True
 
   def progress(self, step: int) -> None:
     if self._bar is not None:
@@ -190,7 +212,7 @@ class _EventFile:
     self._writer.flush()
     with open(os.path.join(self._local.name, self._name), "rb") as f:
       data = f.read()
-    rundir.write_atomic(self._directory / self._name, data)
+    _write(self._directory / self._name, data)
     if len(data) >= ROLLOVER_BYTES:
       self._writer.close()
       self._start_file()
@@ -200,6 +222,23 @@ class _EventFile:
       self._writer.close()
     finally:
       self._local.cleanup()
+
+
+def _write(path: epath.Path, data: str | bytes) -> None:
+  """rundir.write_atomic; a failure a user fixes (a full disk, a bucket
+  that cannot be reached) as one WriteError naming the file."""
+  try:
+    rundir.write_atomic(path, data)
+  except Exception as e:  # pylint: disable=broad-except
+    if files.is_remote(path):
+      # gcsfs gives up after its retries (about 30 s) with whatever the
+      # transport raised: the bucket is gone, unreachable or refuses us.
+      raise WriteError(f"cannot write {path}: "
+                       f"{one_line(e, limit=300)}") from None
+    failure = files.write_failure(e)
+    if failure is None:
+      raise
+    raise failure from None
 
 
 def _scalar_summary(values: Mapping[str, float]) -> summary_pb2.Summary:
