@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -326,39 +327,158 @@ def test_rerun_of_finished_run_changes_nothing(mnist_dir, tmp_path):
   run_train(tmp_path, *args)
   text = path.read_text()
   again = json.loads(text, parse_constant=lambda c: pytest.fail(c))
-  assert again["resumed_from"] == 30 and again["steps_run"] == 0
-  assert again["final_train_loss"] is None
-  assert again["params_sha256"] == first["params_sha256"]
-  assert again["test_accuracy"] == first["test_accuracy"]
+  for key in ("final_train_loss", "train_seconds", "images_per_sec",
+              "steps_run", "resumed_from", "checkpoint_blocking_seconds",
+              "checkpoints_saved", "params_sha256", "test_accuracy"):
+    assert again[key] == first[key], key
+  assert first["steps_run"] == 30 and first["resumed_from"] is None
+  assert first["final_train_loss"] > 0 and first["images_per_sec"] > 0
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [20, 25, 30]
 
 
-def test_best_checkpoint_is_chosen_on_held_out_validation(mnist_dir,
+# A run whose best checkpoint is not its last: Adam's learning rate rises to
+# the last step (warmup past the end) until it wrecks the model, and
+# BatchNorm keeps the last batch's statistics (bn_momentum=0) so that each
+# evaluation sees the model as it trained. Measured: validation accuracy
+# 0.131, 0.449, 0.149 at steps 20, 40, 60 (seed 0, one device). The recipe is
+# chaotic (seed 1 rises to the end): the test asserts best_step != step, so a
+# machine that rounds it elsewhere fails loudly instead of passing vacuously.
+BEST_ARGS = ("--config.eval_every_steps=20",
+             "--config.checkpoint_every_steps=100000",
+             "--config.validation_examples=2000",
+             "--config.max_checkpoints_to_keep=1",
+             "--config.log_every_steps=20", "--config.optimizer=adamw",
+             "--config.weight_decay=0", "--config.learning_rate=1.5",
+             "--config.warmup_steps=1000", "--config.bn_momentum=0")
+
+
+@pytest.fixture(scope="module")
+def best_run(mnist_dir, tmp_path_factory) -> pathlib.Path:
+  """The run above, 60 steps; tests that write copy it (copy_run)."""
+  workdir = tmp_path_factory.mktemp("best") / "run"
+  run_train(workdir, f"--config.data_dir={mnist_dir}",
+            "--config.num_train_steps=60", *BEST_ARGS)
+  return workdir
+
+
+def copy_run(source: pathlib.Path, destination: pathlib.Path
+             ) -> pathlib.Path:
+  shutil.copytree(source, destination)
+  return destination
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints")
+                .iterdir() if p.name.isdigit())
+
+
+def test_best_checkpoint_is_chosen_on_held_out_validation(best_run,
+                                                          mnist_dir,
                                                           tmp_path):
   """validation_examples holds the end of the training file out; every
   evaluation is saved with its validation accuracy, and the best by it stays
-  beside the latest and is reported with its test accuracy."""
-  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
-            "--config.num_train_steps=60", "--config.eval_every_steps=20",
-            "--config.checkpoint_every_steps=100000",
-            "--config.validation_examples=2000",
-            "--config.max_checkpoints_to_keep=1",
-            "--config.log_every_steps=20")
-  r = results(tmp_path)
-  rows = [m for m in metrics(tmp_path) if "validation_accuracy" in m]
+  beside the latest (max_checkpoints_to_keep=1 would have removed it) and
+  is reported with its accuracies, which an evaluation of that checkpoint
+  alone (`evaluate --step=best`, in this process) gives again."""
+  from mnist_resnet.commands import evaluate
+  from mnist_resnet.data import mnist
+  from mnist_resnet.data import split
+  from mnist_resnet.training import trained
+  r = results(best_run)
+  rows = [m for m in metrics(best_run) if "validation_accuracy" in m]
   assert [m["step"] for m in rows] == [20, 40, 60]
   # orbax keeps the later of equal values.
   best = max(rows, key=lambda m: (m["validation_accuracy"], m["step"]))
-  assert r["best_step"] == best["step"]
+  assert r["best_step"] == best["step"] != r["step"] == 60, (
+      "the recipe's best checkpoint is its last: what follows would not "
+      f"test a best checkpoint restored apart from the final state ({rows})")
   assert r["best_validation_accuracy"] == pytest.approx(
       best["validation_accuracy"])
   assert r["best_test_accuracy"] == pytest.approx(best["test_accuracy"])
   assert r["eval_examples"] == 10_000
   assert r["config"]["validation_examples"] == 2000
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps == sorted({best["step"], 60})
+  assert checkpoint_steps(best_run) == [best["step"], 60]
+
+  report, _ = evaluate.evaluate(str(best_run), "best",
+                                data_dir=str(mnist_dir), out=str(tmp_path))
+  assert report.record["step"] == r["best_step"]
+  assert report.record["accuracy"] == r["best_test_accuracy"]
+  held_out = split.hold_out_validation(mnist.load_mnist(mnist_dir),
+                                       2000)["validation"]
+  logits = trained.load(best_run, "best").predict_logits(held_out.images)
+  assert np.mean(logits.argmax(1) == held_out.labels) == r[
+      "best_validation_accuracy"]
+
+
+def test_resume_with_another_config_is_refused_by_train_py(best_run,
+                                                           mnist_dir,
+                                                           tmp_path):
+  """Exit 2 and one line naming config.json and the key; nothing in the
+  workdir changed."""
+  workdir = copy_run(best_run, tmp_path / "run")
+  before = (workdir / "results.json").read_bytes()
+  proc = run_train(workdir, f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=60", *BEST_ARGS,
+                   "--config.seed=1", check=False, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"error: {workdir / 'config.json'} holds "
+                             "another run: seed 0 -> 1;"), lines[0]
+  assert (workdir / "results.json").read_bytes() == before
+  assert checkpoint_steps(workdir) == checkpoint_steps(best_run)
+
+
+def zero_state_files(step_dir: pathlib.Path) -> None:
+  """Every byte of the checkpoint's arrays (orbax's OCDBT data files)
+  zeroed: it still looks complete to orbax."""
+  files = [p for p in (step_dir / "state").rglob("*")
+           if p.is_file() and p.parent.name == "d"]
+  assert files, step_dir
+  for path in files:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(
+    best_run, mnist_dir, tmp_path):
+  """A finished run asked for 2 more steps, its last checkpoint damaged:
+  a warning, the checkpoint moved under set_aside/, and the run resumes
+  from the one before."""
+  workdir = copy_run(best_run, tmp_path / "run")
+  zero_state_files(workdir / "checkpoints" / "60")
+  proc = run_train(workdir, f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=62", *BEST_ARGS)
+  assert re.search(r"checkpoints/60 is damaged \(.+\); moved to "
+                   r"\S+/set_aside/60\.damaged", proc.stderr), (
+                       proc.stderr[-3000:])
+  assert (workdir / "set_aside" / "60.damaged" / "state").is_dir()
+  r = results(workdir)
+  assert r["resumed_from"] == 40 and r["step"] == 62
+  assert r["steps_run"] == 22
+  assert 62 in checkpoint_steps(workdir)
+
+
+def test_every_checkpoint_damaged_is_one_line_exit_2(best_run, mnist_dir,
+                                                     tmp_path):
+  """Rather than start over (a retry loop would silently discard the
+  run)."""
+  workdir = copy_run(best_run, tmp_path / "run")
+  before = (workdir / "results.json").read_bytes()
+  for step in (40, 60):
+    zero_state_files(workdir / "checkpoints" / str(step))
+  proc = run_train(workdir, f"--config.data_dir={mnist_dir}",
+                   "--config.num_train_steps=62", *BEST_ARGS, check=False,
+                   timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert errors == [
+      f"error: every checkpoint in {workdir / 'checkpoints'} is damaged "
+      f"(steps 60, 40, moved to {workdir / 'set_aside'}); use a new workdir "
+      "or restore them from a backup"], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert checkpoint_steps(workdir) == []
+  assert (workdir / "results.json").read_bytes() == before
 
 
 def test_frozen_backbone_stays_bit_identical(mnist_dir, tmp_path):
