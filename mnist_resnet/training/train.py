@@ -158,7 +158,7 @@ def open_run(config: ml_collections.ConfigDict, location: str,
   workdir.check_resume_config(config.to_dict())
   workdir.open_checkpointer(max_to_keep=config.max_checkpoints_to_keep,
                             keep_best=config.validation_examples > 0)
-  stack.callback(workdir.close)
+  stack.push(workdir)  # Workdir.__exit__: closes it.
   return workdir
 
 
@@ -196,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return finished
     splits = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
+    program = program.compiled()  # Out of memory: one line, nothing run.
     state, resumed_from = restore_or_init(config, program, run)
     run.checkpointer.warm_up(state)
     if jax.process_index() == 0:

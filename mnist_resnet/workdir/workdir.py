@@ -11,8 +11,11 @@ import os
 from typing import Any
 from typing import Mapping
 
+from absl import logging
 from etils import epath
 
+from mnist_resnet.core import files
+from mnist_resnet.core.errors import one_line
 from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir import metrics as metrics_lib
 from mnist_resnet.workdir import rundir
@@ -55,6 +58,11 @@ class Workdir:
 
   def __init__(self, location: str | os.PathLike):
     self.location = os.fspath(location)
+    # Every command reads its workdir through here: a bucket name Cloud
+    # Storage refuses is one line now, not a traceback from its first read.
+    files.check_bucket_name(self.location, f"workdir {self.location}")
+    if files.is_remote(self.location):
+      files.quiet_storage_retries()
     self.path = rundir.workdir_path(self.location)
     self._lock: Lock | None = None
     # Opened once per run by open_checkpointer / open_metrics.
@@ -147,9 +155,16 @@ class Workdir:
 
   def check_lock(self) -> None:
     """Raises RunDirError once another run has taken the workdir over
-    (nothing to check where this process holds no lock)."""
-    if self._lock is not None:
+    (nothing to check where this process holds no lock); the metrics then
+    write nothing more."""
+    if self._lock is None:
+      return
+    try:
       self._lock.check()
+    except RunDirError:
+      if self.metrics is not None:
+        self.metrics.stop_writing()  # Never over the new holder's files.
+      raise
 
   def release_lock(self) -> None:
     if self._lock is not None:
@@ -175,14 +190,28 @@ class Workdir:
     process that `writes` writes files."""
     self.metrics = metrics_lib.Reporter(
         self.metrics_file, self.path, writes=writes, total_steps=total_steps,
-        start_step=start_step)
+        start_step=start_step, check=self.check_lock)
     return self.metrics
 
   def close(self) -> None:
     """Closes the metrics (written whole), then the checkpointer."""
-    if self.metrics is not None:
-      self.metrics.close()
-      self.metrics = None
-    if self.checkpointer is not None:
-      self.checkpointer.close()
-      self.checkpointer = None
+    try:
+      if self.metrics is not None:
+        metrics, self.metrics = self.metrics, None
+        metrics.close()
+    finally:
+      if self.checkpointer is not None:
+        checkpointer, self.checkpointer = self.checkpointer, None
+        checkpointer.close()
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    """`close()` as an exit callback (`ExitStack.push`): with an error on its
+    way out, failing to close (the same lost bucket again) is a warning, so
+    the first error is the one reported."""
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if exc is None:
+        raise
+      logging.warning("could not close the workdir after an earlier error: "
+                      "%s", one_line(e, limit=300))
