@@ -3,6 +3,7 @@ and the digests that catch it see every bit."""
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 import pathlib
@@ -399,3 +400,54 @@ def test_compressed_checkpoints_still_restore(tmp_path, monkeypatch):
   np.testing.assert_array_equal(
       ckpt.restore_items(5, {"b": ABSTRACT["b"]})["b"], state(5)["b"])
   ckpt.close()
+
+
+def test_a_renamed_checkpoint_is_set_aside_not_resumed(tmp_path):
+  """checkpoints/2 renamed to checkpoints/5: it verifies, but resuming it
+  would train steps 3.. and save over names it did not earn."""
+  ckpt = open_checkpointer(tmp_path / "checkpoints", max_to_keep=3)
+  save_all(ckpt, {1: None, 2: None})
+  ckpt.close()
+  (tmp_path / "checkpoints" / "2").rename(tmp_path / "checkpoints" / "5")
+  ckpt = open_checkpointer(tmp_path / "checkpoints", max_to_keep=3)
+  with pytest.raises(checkpoint.DamagedCheckpoint,
+                     match="it holds step 2, not 5: its directory was "
+                           "renamed"):
+    ckpt.restore(5, ABSTRACT)
+  restored, step = ckpt.restore_latest_good(ABSTRACT, tmp_path / "set_aside")
+  assert step == 1 and float(restored["b"][0]) == 1
+  assert (tmp_path / "set_aside" / "5.damaged").is_dir()
+  ckpt.close()
+
+
+class _RemovesTheWorkdir(collections.abc.Mapping):
+  """A meta whose reading, in the background save, removes the workdir:
+  the save is then in flight with its files gone."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self._workdir = workdir
+    self._meta = {"step": 2}
+
+  def __getitem__(self, key):
+    return self._meta[key]
+
+  def __len__(self):
+    return len(self._meta)
+
+  def __iter__(self):
+    shutil.rmtree(self._workdir, ignore_errors=True)
+    return iter(self._meta)
+
+
+# The failed save's leftover callbacks, as train.py's cli.quiet_failed_writes
+# knows them.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_workdir_removed_during_a_save_is_one_line(tmp_path):
+  """Once orbax's FileNotFoundError with a 90-line traceback."""
+  ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints",
+                                 max_to_keep=2)
+  ckpt.save(2, state(2), meta=_RemovesTheWorkdir(tmp_path / "run"))
+  with pytest.raises(RunDirError, match=r"disappeared while a checkpoint was "
+                                        r"being written \(the workdir deleted "
+                                        r"or moved\?\)"):
+    ckpt.wait_until_finished()

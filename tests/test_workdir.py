@@ -157,3 +157,77 @@ def test_a_config_json_older_than_a_key_resumes_and_loads(tmp_path):
   config.validation_examples = 100  # Not the old behaviour: refused.
   with pytest.raises(RunDirError, match="validation_examples 0 -> 100"):
     Workdir(tmp_path).check_resume_config(config.to_dict())
+
+
+def _checkpointed_run(tmp_path, config, steps=(10, 20)) -> Workdir:
+  """A workdir whose checkpoints carry `config` in their meta, as the loop
+  saves them, and no config.json."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  run = Workdir(tmp_path)
+  ckpt = run.open_checkpointer(max_to_keep=5, keep_best=False)
+  for step in steps:
+    ckpt.save(step, {"w": jnp.full((4,), step, jnp.float32)},
+              meta={"config": config.to_dict(), "step": step})
+  ckpt.wait_until_finished()
+  return run
+
+
+def test_without_config_json_the_newest_checkpoints_config_decides(tmp_path):
+  """config.json deleted: the config saved with the checkpoints still
+  refuses another trajectory (it once resumed with the new value)."""
+  config = smoke.get_config()
+  run = _checkpointed_run(tmp_path, config)
+  changed = smoke.get_config()
+  changed.learning_rate = 0.05
+  with pytest.raises(RunDirError, match=r"checkpoints/20 holds another run: "
+                                        r"learning_rate 0.4 -> 0.05"):
+    run.check_resume_config(changed.to_dict())
+  run.check_resume_config(config.to_dict())
+  assert run.config_from_checkpoint()
+  run.restore_config_file(run.saved_config())
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+  assert run.saved_config() is not None and not run.config_from_checkpoint()
+  run.close()
+
+
+def test_a_damaged_config_json_is_kept_aside_and_written_again(tmp_path):
+  config = smoke.get_config()
+  run = _checkpointed_run(tmp_path, config)
+  damaged = rundir.to_json(config.to_dict()).encode() + b"\xff\x00\x9c"
+  (tmp_path / "config.json").write_bytes(damaged)
+  assert run.saved_config()["model"] == config.model
+  assert run.config_from_checkpoint()
+  run.restore_config_file(run.saved_config())
+  assert (tmp_path / "set_aside" / "config.json.damaged").read_bytes() == (
+      damaged)
+  assert json.loads((tmp_path / "config.json").read_text())["model"] == (
+      config.model)
+  run.close()
+
+
+def test_a_config_json_that_is_a_directory_is_named_as_one(tmp_path):
+  run = _checkpointed_run(tmp_path, smoke.get_config())
+  (tmp_path / "config.json").mkdir()
+  with pytest.raises(RunDirError, match=r"config.json is a directory, not a "
+                                        r"file; move it away"):
+    run.check_resume_config(smoke.get_config().to_dict())
+  run.close()
+
+
+def test_a_damaged_results_json_is_written_again(tmp_path):
+  (tmp_path / "results.json").write_bytes(b'{"step": 30}\xff')
+  assert Workdir(tmp_path).results() is None
+
+
+def test_finished_results_are_only_those_of_the_same_config(tmp_path):
+  """A retry returns results.json untouched only when it was written by a
+  run of this config; another run's results are written again."""
+  from mnist_resnet.training import train  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  run = _checkpointed_run(tmp_path, config, steps=(30,))
+  run.write_results({"step": 30, "config": config.to_dict()})
+  assert train.finished_results(config, run)["step"] == 30
+  other = smoke.get_config()
+  other.seed = 5
+  assert train.finished_results(other, run) is None
+  run.close()

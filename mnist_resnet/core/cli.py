@@ -132,8 +132,8 @@ class _ProcessTag(py_logging.Filter):
 
 class _ReportedWriteErrors(py_logging.Filter):
   """Drops orbax's error logs (with tracebacks, one per background thread)
-  for a failed write: the same error reaches the main thread, which reports
-  it in one line."""
+  for a failed write or a directory gone: the same error reaches the main
+  thread, which reports it in one line."""
 
   # By source path: without it, a save on a full disk prints orbax's error
   # lines and tracebacks, see
@@ -145,6 +145,11 @@ class _ReportedWriteErrors(py_logging.Filter):
     if record.levelno < py_logging.ERROR or self._ORBAX not in record.pathname:
       return True
     error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, FileNotFoundError):
+      # The workdir removed mid-save: Checkpointer reports it in one line,
+      # see tests/test_run_record.py::
+      # test_workdir_deleted_during_a_save_is_one_line.
+      return False
     if error is None:
       error = Exception(record.getMessage())
     return files.write_failure(error) is None

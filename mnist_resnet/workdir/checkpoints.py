@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from concurrent import futures
+import contextlib
 import dataclasses
 import hashlib
 import statistics
 import time
 from typing import Any
 from typing import Callable
+from typing import Iterator
 from typing import Mapping
 
 from absl import logging
@@ -120,13 +122,14 @@ class Checkpointer:
     try:
       if not self._async:  # A synchronous save writes the meta at once.
         _dispatch_into(pending, items)
-      self._manager.save(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.PyTreeSave(state),
-              meta=_DeferredJsonSave(full_meta)),
-          metrics=dict(metrics) if metrics is not None else None,
-          force=True)
+      with self._gone_is_one_line():
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state),
+                meta=_DeferredJsonSave(full_meta)),
+            metrics=dict(metrics) if metrics is not None else None,
+            force=True)
       # After orbax's save, not before: on CPU its copy off the devices
       # would queue behind the checksum (measured +0.25 s per save).
       if not pending.done():
@@ -205,6 +208,10 @@ class Checkpointer:
     meta = restored["meta"]
     if not isinstance(meta, dict):
       raise DamagedCheckpoint(step, "its meta is not a JSON object")
+    if meta.get("step", step) != step:
+      # Renamed by hand: resuming would save over a later step's name.
+      raise DamagedCheckpoint(step, f"it holds step {meta['step']}, not "
+                                    f"{step}: its directory was renamed")
     return meta
 
   def _restore_state(self, step: int, target: Any, partial: bool) -> Any:
@@ -267,7 +274,20 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     """Blocks until every started save is on disk; raises its errors."""
-    self._manager.wait_until_finished()
+    with self._gone_is_one_line():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _gone_is_one_line(self) -> Iterator[None]:
+    """A save whose files went away while it was being written (the workdir
+    deleted or moved mid-run) is a RunDirError, not orbax's traceback."""
+    try:
+      yield
+    except FileNotFoundError as e:
+      raise RunDirError(
+          f"{e.filename or self.directory} disappeared while a checkpoint "
+          "was being written (the workdir deleted or moved?); the run "
+          "cannot go on") from None
 
   def reached_preemption(self, step: int) -> bool:
     """True once every process has reached the preemption sync point."""

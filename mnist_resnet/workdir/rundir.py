@@ -82,13 +82,23 @@ def to_json(record: Mapping[str, Any]) -> str:
 
 
 def read_json(path: epath.Path) -> dict[str, Any] | None:
-  """The JSON object in `path`, None if there is no such file."""
+  """The JSON object in `path`, None if there is no such file.
+
+  RunDirError when `path` is a directory, or holds anything but a JSON
+  object in UTF-8 (binary bytes included): one line, never a traceback.
+  """
   try:
-    text = path.read_text()
+    data = path.read_bytes()
   except FileNotFoundError:
     return None
+  except IsADirectoryError:
+    raise RunDirError(f"{path} is a directory, not a file; move it "
+                      "away") from None
   try:
-    value = json.loads(text)
+    value = json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise RunDirError(f"{path} is not UTF-8 text (byte {e.start}); move it "
+                      "away or use a new workdir") from None
   except json.JSONDecodeError as e:
     raise RunDirError(f"{path} is not valid JSON ({e}); move it away or use "
                       "a new workdir") from None

@@ -52,6 +52,20 @@ ADDED_KEYS = {
 }
 
 
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
+                   ) -> list[str]:
+  """"key old -> new" for every key outside RESUMABLE_KEYS whose value
+  differs: what would change the saved run's trajectory."""
+  current = rundir.as_json(current)
+  missing = object()
+  return [
+      f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
+      .replace(repr(missing), "(unset)")
+      for k in sorted(set(saved) | set(current))
+      if k not in RESUMABLE_KEYS
+      and saved.get(k, missing) != current.get(k, missing)]
+
 class Workdir:
   """One run's directory. `location` is a local path or a URL (gs://...);
   local paths are made absolute (orbax needs it)."""
@@ -65,6 +79,7 @@ class Workdir:
       files.quiet_storage_retries()
     self.path = rundir.workdir_path(self.location)
     self._lock: Lock | None = None
+    self.config_source = str(self.config_file)
     # Opened once per run by open_checkpointer / open_metrics.
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
     self.metrics: metrics_lib.Reporter | None = None
@@ -105,41 +120,96 @@ class Workdir:
   # --- The saved config ---------------------------------------------------
 
   def saved_config(self) -> dict[str, Any] | None:
-    """config.json, with the keys added since it was written at their
-    ADDED_KEYS values; None if there is none."""
-    saved = rundir.read_json(self.config_file)
+    """The config this workdir's run trains with, keys added since it was
+    written at their ADDED_KEYS values; None where no run has started.
+
+    config.json, unless it is missing or damaged: then the config saved with
+    the newest checkpoint, the run's own record (a damaged config.json is
+    kept under set_aside/). `config_source` names where it was read.
+    """
+    self.config_source = str(self.config_file)
+    try:
+      saved = rundir.read_json(self.config_file)
+      if saved is not None and "model" not in saved:
+        raise RunDirError(f"{self.config_file} is not a training config")
+    except RunDirError as e:
+      if self.config_file.is_dir():
+        raise
+      saved, damaged = None, e
+    else:
+      damaged = None
     if saved is None:
+      saved = self._newest_checkpoint_config()
+      if saved is None and damaged is not None:
+        raise damaged
+      if saved is not None:
+        logging.warning("%s; using the config saved with %s",
+                        damaged or f"{self.config_file} is missing",
+                        self.config_source)
+    return None if saved is None else {**ADDED_KEYS, **saved}
+
+  def _newest_checkpoint_config(self) -> dict[str, Any] | None:
+    """The config in the meta of the newest checkpoint whose meta reads."""
+    ckpt = self.checkpointer or checkpoint_lib.Checkpointer(
+        self.checkpoint_dir, max_to_keep=1, read_only=True)
+    try:
+      for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+          config = ckpt.read_meta(step).get("config")
+        except checkpoint_lib.DamagedCheckpoint:
+          continue
+        if isinstance(config, dict) and "model" in config:
+          self.config_source = f"{self.checkpoint_dir}/{step}"
+          return config
       return None
-    if not isinstance(saved, dict) or "model" not in saved:
-      raise RunDirError(f"{self.config_file} is not a training config")
-    return {**ADDED_KEYS, **saved}
+    finally:
+      if ckpt is not self.checkpointer:
+        ckpt.close()
+
+  def config_from_checkpoint(self) -> bool:
+    """Whether the last `saved_config` came from a checkpoint, not
+    config.json (which the run then writes again)."""
+    return self.config_source != str(self.config_file)
 
   def check_resume_config(self, config: Mapping[str, Any]) -> None:
     """Refuses a config that would change the trajectory of the saved run."""
     saved = self.saved_config()
     if saved is None:
       return
-    current = rundir.as_json(config)
-    missing = object()
-    changed = [
-        f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
-        .replace(repr(missing), "(unset)")
-        for k in sorted(set(saved) | set(current))
-        if k not in RESUMABLE_KEYS and saved.get(k, missing) != current.get(
-            k, missing)]
+    changed = config_changes(saved, config)
     if changed:
       raise RunDirError(
-          f"{self.config_file} holds another run: {'; '.join(changed)}; "
+          f"{self.config_source} holds another run: {'; '.join(changed)}; "
           "rerun with the saved values or use a new workdir")
 
   def save_config(self, config: Mapping[str, Any]) -> None:
     rundir.write_atomic(self.config_file, rundir.to_json(config))
 
+  def restore_config_file(self, config: Mapping[str, Any]) -> None:
+    """config.json written again from the checkpoint's `config`; a damaged
+    one is first copied to set_aside/config.json.damaged."""
+    try:
+      damaged = self.config_file.read_bytes()
+    except FileNotFoundError:
+      damaged = None
+    if damaged is not None:
+      rundir.write_atomic(
+          rundir.free_name(self.set_aside_dir, "config.json.damaged"),
+          damaged)
+    self.save_config(config)
+
   # --- Results ------------------------------------------------------------
 
   def results(self) -> dict[str, Any] | None:
-    """results.json, None if the run has not written it."""
-    return rundir.read_json(self.results_file)
+    """results.json, None if the run has not written it or it is damaged
+    (the run then writes it again from its final checkpoint)."""
+    try:
+      return rundir.read_json(self.results_file)
+    except RunDirError as e:
+      if self.results_file.is_dir():
+        raise
+      logging.warning("%s; writing it again", e)
+      return None
 
   def write_results(self, results: Mapping[str, Any]) -> epath.Path:
     rundir.write_atomic(self.results_file, rundir.to_json(results))
