@@ -11,7 +11,8 @@ multi-host run, and maps outcomes to exit codes:
   2    a user error, one line on stderr: bad flag, config value or file, a
        workdir in use or holding another run, a diverged loss
   75   stopped by SIGTERM (preemption) after saving a checkpoint, or before
-       the first step: rerun the same command to continue
+       the first step: rerun the same command to continue; during the
+       end-of-run report, once results.json is written
   130  stopped by Ctrl-C, the same way; a second Ctrl-C exits at once
 """
 

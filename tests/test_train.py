@@ -307,8 +307,9 @@ def test_tf_data_pipeline_without_tensorflow_is_one_line_exit_2(mnist_dir,
 def test_rerun_of_finished_run_changes_nothing(mnist_dir, tmp_path):
   """A scheduler's retry of a finished job: the results stay as they were
   (bytes and all), exit 0. Without results.json (killed after the last
-  save) the last checkpoint is evaluated and the results written, strict
-  JSON (no NaN for the train loss no step produced)."""
+  save, during the end-of-run report) the last checkpoint is evaluated and
+  the results written again, strict JSON, with the training figures the
+  final checkpoint's meta kept."""
   args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=30",
           "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
           "--config.max_checkpoints_to_keep=3")

@@ -75,9 +75,15 @@ class Preempted(Exception):
   """Raised once the checkpoint of a run stopped by a signal is on disk (SIGTERM
   or Ctrl-C, see preemption.py); not a user error."""
 
-  def __init__(self, step: int, signum: int = signal.SIGTERM):
+  def __init__(self, step: int, signum: int = signal.SIGTERM, *,
+               finished: bool = False):
     reason = "interrupted" if signum == signal.SIGINT else "preempted"
-    super().__init__(f"{reason}: checkpoint saved at step {step}; rerun the "
-                     "same command to continue")
+    if finished:  # The signal came during the end-of-run report.
+      message = (f"{reason} after the run finished at step {step}: "
+                 "results.json is written")
+    else:
+      message = (f"{reason}: checkpoint saved at step {step}; rerun the "
+                 "same command to continue")
+    super().__init__(message)
     self.step = step
     self.signum = signum

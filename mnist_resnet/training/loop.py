@@ -31,6 +31,9 @@ from mnist_resnet.training import steps
 from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir.workdir import Workdir
 
+# The final checkpoint's meta key for `train_figures`.
+TRAIN_FIGURES = "train_figures"
+
 # Called right after each train step is dispatched, metrics still on device.
 StepObserver = Callable[[int, Mapping[str, jax.Array]], None]
 
@@ -47,8 +50,9 @@ class LoopEnd:
   """What the loop hands to the results."""
   state: steps.TrainState
   eval_results: dict[str, Any]
-  train_totals: dict[str, Any]
-  final_train_loss: float
+  # `train_figures` at the final step: None when no step was trained here
+  # (resumed at the end; the final checkpoint's meta holds them).
+  figures: dict[str, Any] | None
   # The final test evaluation's logits and figures, for the report.
   test_logits: np.ndarray
   test_figures: dict[str, Any]
@@ -123,18 +127,37 @@ def train_inputs(config: ml_collections.ConfigDict,
   return (parallel.global_batch(batch, mesh) for batch in local)
 
 
+def train_figures(log: progress.TrainLog, ckpt: checkpoint_lib.Checkpointer,
+                  start: int, step: int) -> dict[str, Any]:
+  """What this invocation's training amounted to, for results.json: taken
+  just before the final save and saved in its meta, so a rerun after a kill
+  during the end-of-run report reports the same figures. The checkpoint
+  figures are those of the saves before the final one."""
+  blocking, saves = ckpt.median_blocking_seconds()
+  loss = log.last_train_loss
+  return {"final_train_loss": loss if np.isfinite(loss) else None,
+          **log.totals(), "steps_run": step - start,
+          "resumed_from": start or None,
+          "checkpoint_blocking_seconds": blocking,
+          "checkpoints_saved": saves + 1}
+
+
 def save_checkpoint(ckpt: checkpoint_lib.Checkpointer,
                     config: ml_collections.ConfigDict, step: int,
                     state: steps.TrainState,
-                    eval_results: Mapping[str, Any] | None) -> None:
-  """Starts the save of `state`, with the run's config in its meta and,
-  when a best checkpoint is kept, the validation accuracy it is chosen by."""
+                    eval_results: Mapping[str, Any] | None,
+                    figures: Mapping[str, Any] | None = None) -> None:
+  """Starts the save of `state`, with the run's config (and, at the final
+  step, its `train_figures`) in its meta and, when a best checkpoint is
+  kept, the validation accuracy it is chosen by."""
   metrics = None
   if ckpt.keep_best and eval_results is not None:
     metrics = {checkpoint_lib.BEST_METRIC:
                eval_results[checkpoint_lib.BEST_METRIC]}
   meta = {"config": config.to_dict(), "devices": jax.device_count(),
           "processes": jax.process_count(), "step": step}
+  if figures is not None:
+    meta[TRAIN_FIGURES] = dict(figures)
   ckpt.save(step, state, meta=meta, metrics=metrics)
 
 
@@ -191,11 +214,14 @@ def train_loop(config: ml_collections.ConfigDict,
       start_step=start, total_steps=total)
 
   def save(step, eval_results):
+    nonlocal figures
     workdir.check_lock()  # Never write over a run that took it over.
-    save_checkpoint(ckpt, config, step, state, eval_results)
+    if step == total:
+      figures = train_figures(log, ckpt, start, step)
+    save_checkpoint(ckpt, config, step, state, eval_results, figures)
     reporter.flush()
 
-  eval_results = None
+  eval_results, figures = None, None
   verify_step = start + 1  # The loss of the state we start from.
   signals.loop_started(multiprocess=jax.process_count() > 1)
   try:
@@ -224,7 +250,6 @@ def train_loop(config: ml_collections.ConfigDict,
         ckpt.wait_until_finished()
         raise Preempted(step, signum)
     jax.block_until_ready(state)
-    totals = log.totals()
     if eval_results is None:  # Nothing left to train: resumed at the end.
       eval_results = evaluate(data.evaluators, state, total)
     test_logits = data.evaluators[0].logits_of_last_call()
@@ -235,6 +260,5 @@ def train_loop(config: ml_collections.ConfigDict,
   finally:
     profile.close()
     reporter.flush()
-  return LoopEnd(state=state, eval_results=eval_results, train_totals=totals,
-                 final_train_loss=log.last_train_loss,
+  return LoopEnd(state=state, eval_results=eval_results, figures=figures,
                  test_logits=test_logits, test_figures=test_figures)

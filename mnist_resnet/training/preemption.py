@@ -135,6 +135,11 @@ class StopSignals:
       return signal.SIGTERM if reached_preemption(step) else None
     return self._signum
 
+  def received(self) -> int | None:
+    """The signal this process recorded during the loop or after it (the
+    end-of-run report finishes first), or None."""
+    return self._signum
+
   def close(self) -> None:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from mnist_resnet.core.errors import ConfigError
+from mnist_resnet.core.errors import Preempted
 from mnist_resnet.data import mnist
 from mnist_resnet.data import order
 from mnist_resnet.data import split
@@ -31,7 +32,9 @@ from mnist_resnet.training import report as report_lib
 from mnist_resnet.training import steps
 from mnist_resnet.training import trained
 from mnist_resnet.training import validation
+from mnist_resnet.workdir.workdir import ADDED_KEYS
 from mnist_resnet.workdir.workdir import Workdir
+from mnist_resnet.workdir.workdir import config_changes
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, mnist.Split]:
@@ -106,24 +109,36 @@ def report_pictures(config: ml_collections.ConfigDict, workdir: Workdir,
   workdir.metrics.image(step, report_lib.CONFUSION_TAG, report.confusion_png)
 
 
-def final_results(config: ml_collections.ConfigDict, workdir: Workdir,
-                  total_steps: int, end: loop_lib.LoopEnd, *, start: int,
-                  resumed_from: int | None,
+def recorded_figures(workdir: Workdir, step: int | None
+                     ) -> dict[str, Any] | None:
+  """The train figures saved with checkpoint `step` by the run that trained
+  up to it (None for a checkpoint saved before its run's end, or older)."""
+  if step is None:
+    return None
+  return workdir.checkpointer.read_meta(step).get(loop_lib.TRAIN_FIGURES)
+
+
+def final_results(config: ml_collections.ConfigDict, total_steps: int,
+                  end: loop_lib.LoopEnd, figures: Mapping[str, Any] | None,
                   best: Mapping[str, Any]) -> dict[str, Any]:
-  """The record written to results.json."""
-  blocking, saves = workdir.checkpointer.median_blocking_seconds()
+  """The record written to results.json; `figures` are the loop's
+  `train_figures` (null figures where no checkpoint recorded them)."""
+  figures = figures or {"resumed_from": total_steps, "steps_run": 0}
   return {
       "step": total_steps,
       **end.eval_results,
       **best,
-      "final_train_loss": end.final_train_loss,
+      "final_train_loss": figures.get("final_train_loss"),
       "params_sha256": steps.params_sha256(end.state.params),
-      **end.train_totals,
-      "steps_run": total_steps - start,
-      # What a save costs the loop's thread: median over this run's saves.
-      "checkpoint_blocking_seconds": blocking,
-      "checkpoints_saved": saves,
-      "resumed_from": resumed_from,
+      "train_seconds": figures.get("train_seconds"),
+      "images_per_sec": figures.get("images_per_sec"),
+      "steps_run": figures["steps_run"],
+      # What a save costs the loop's thread: median over the saves before
+      # the final one.
+      "checkpoint_blocking_seconds": figures.get(
+          "checkpoint_blocking_seconds"),
+      "checkpoints_saved": figures.get("checkpoints_saved", 0),
+      "resumed_from": figures["resumed_from"],
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
@@ -134,7 +149,8 @@ def final_results(config: ml_collections.ConfigDict, workdir: Workdir,
 def finished_results(config: ml_collections.ConfigDict, workdir: Workdir
                      ) -> dict[str, Any] | None:
   """results.json of this run if it already finished (a scheduler's retry
-  of a done job), else None."""
+  of a done job), else None: only for the same config, and only if its
+  step is the newest checkpoint's."""
   results = workdir.results()
   if (results is None
       or results.get("step") != workdir.checkpointer.latest_step()):
@@ -142,6 +158,9 @@ def finished_results(config: ml_collections.ConfigDict, workdir: Workdir
   saved = results.get("config", {})
   if any(saved.get(k) != config[k] for k in ("num_train_steps", "num_epochs")):
     return None  # Asked to train longer.
+  if not isinstance(saved, dict) or config_changes(
+      {**ADDED_KEYS, **saved}, config.to_dict()):
+    return None  # Not this run's: written again from its checkpoint.
   return results
 
 
@@ -155,10 +174,17 @@ def open_run(config: ml_collections.ConfigDict, location: str,
     workdir.take_lock()
     stack.callback(workdir.release_lock)
     signals.on_early_exit(workdir.release_lock)
-  workdir.check_resume_config(config.to_dict())
   workdir.open_checkpointer(max_to_keep=config.max_checkpoints_to_keep,
                             keep_best=config.validation_examples > 0)
   stack.push(workdir)  # Workdir.__exit__: closes it.
+  # Against config.json, or the newest checkpoint's config when config.json
+  # is missing or damaged: then config.json is written again from it, also
+  # when this config is refused.
+  try:
+    workdir.check_resume_config(config.to_dict())
+  finally:
+    if workdir.config_from_checkpoint() and jax.process_index() == 0:
+      workdir.restore_config_file(workdir.saved_config())
   return workdir
 
 
@@ -212,11 +238,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               on_step)
     best = best_results(run, program, data, end)
     report_pictures(config, run, program, end, splits["test"])
-    results = final_results(config, run, program.total_steps, end,
-                            start=start, resumed_from=resumed_from, best=best)
+    figures = end.figures or recorded_figures(run, resumed_from)
+    results = final_results(config, program.total_steps, end, figures, best)
   if jax.process_index() == 0:
+    # Last: results.json marks the run done (a kill before it leaves a
+    # run that a rerun reports again from its final checkpoint).
     run.write_results(results)
+  stopped = signals.received()
   logging.info("step %d: test_accuracy=%.4f test_loss=%.4f (%d examples)",
                results["step"], results["test_accuracy"],
                results["test_loss"], results["eval_examples"])
+  if stopped is not None:  # Ctrl-C or SIGTERM during the report.
+    raise Preempted(results["step"], stopped, finished=True)
   return results
