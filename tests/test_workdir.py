@@ -231,3 +231,11 @@ def test_finished_results_are_only_those_of_the_same_config(tmp_path):
   other.seed = 5
   assert train.finished_results(other, run) is None
   run.close()
+
+
+def test_bucket_requests_have_a_time_limit():
+  """A bucket that stops answering must not hold a write for ever: gcsfs's
+  default is no limit per request."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fs = fsspec.filesystem("gs", token="anon", skip_instance_cache=True)
+  assert fs.requests_timeout == rundir.STORAGE_REQUEST_TIMEOUT_S

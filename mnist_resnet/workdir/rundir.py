@@ -21,6 +21,15 @@ from typing import Mapping
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fsspec.config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# gcsfs waits for an answer without end by default: a bucket that stops
+# answering (rather than refusing connections) would hang the run. A limit
+# per request (one small file, or one chunk of a profile's upload), with
+# gcsfs's 6 tries and their back-off, ends such a write in about 2.5 min.
+STORAGE_REQUEST_TIMEOUT_S = 20
+fsspec.config.conf.setdefault("gs", {}).setdefault(
+    "requests_timeout", STORAGE_REQUEST_TIMEOUT_S)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_resnet.core import files
