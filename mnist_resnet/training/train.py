@@ -171,9 +171,11 @@ def open_run(config: ml_collections.ConfigDict, location: str,
   config's check, and its checkpoints; all given back when `stack` closes."""
   workdir = Workdir(location)
   if jax.process_index() == 0:
+    # The clean-up first: a signal right after the lock is taken still
+    # releases it (release_lock does nothing before it is held).
+    signals.on_early_exit(workdir.release_lock)
     workdir.take_lock()
     stack.callback(workdir.release_lock)
-    signals.on_early_exit(workdir.release_lock)
   workdir.open_checkpointer(max_to_keep=config.max_checkpoints_to_keep,
                             keep_best=config.validation_examples > 0)
   stack.push(workdir)  # Workdir.__exit__: closes it.
