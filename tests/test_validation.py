@@ -8,11 +8,14 @@ import os
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.training import validation
 
-SHIPPED = ("default", "scratch", "smoke", "guard", "frozen_backbone", "gpu",
-           "tpu")
+# Every training config in configs/ (benchmark.py adds the benchmark's keys
+# to one of them, below).
+SHIPPED = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "benchmark"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -21,7 +24,12 @@ def test_shipped_configs_pass_validation(name):
       importlib.import_module(f"configs.{name}").get_config())
 
 
-@pytest.mark.parametrize("base", ["", "gpu", "tpu", "scratch"])
+def test_every_shipped_config_is_checked():
+  assert {"default", "scratch", "smoke", "gpu", "tpu", "large_batch"} <= set(
+      SHIPPED)
+
+
+@pytest.mark.parametrize("base", ["", "gpu", "tpu", "scratch", "large_batch"])
 def test_benchmark_configs_pass_validation(base):
   from configs import benchmark
   validation.validate_config(benchmark.get_config(base))
@@ -36,6 +44,12 @@ def _smoke(**overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
+    ({"target_accuracy": 1.5},
+     "config.target_accuracy=1.5: must be in [0, 1] (0: off)"),
+    ({"stop_at_target": True},
+     "config.stop_at_target=True: needs a target_accuracy > 0"),
+    ({"target_accuracy": 0.9, "eval_every_steps": 0},
+     "config.target_accuracy=0.9: needs evaluations during the run"),
     ({"model": "resnet18"}, "config.model='resnet18': unknown model; known: "
      "resnet101, resnet152, resnet50, resnet_tiny"),
     ({"dtype": "float64"}, "config.dtype='float64': must be one of float32, "

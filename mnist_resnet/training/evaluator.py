@@ -10,6 +10,7 @@ the split sits on the devices and one jitted call loops over its batches.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from typing import Callable
 
@@ -105,13 +106,17 @@ class Evaluator:
           process_count=jax.process_count())
     self._mesh = mesh
     self._compiled = False  # The first call compiles ahead of time.
+    # Seconds that compilation took: time to target leaves them out.
+    self.compile_seconds = 0.0
     self._last_logits: np.ndarray | None = None
     self._last_figures: dict[str, Any] | None = None
 
   def _checked(self, jitted: Any, *args: Any) -> Any:
     """`jitted` compiled for `args`, once it fits in memory; the state's
     arrays are resident already, so only what the step adds counts."""
+    start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
+    self.compile_seconds += time.perf_counter() - start
     memory.check_fits(compiled, what=f"the {self.name} evaluation step",
                       key="eval_batch_size", batch_size=self.batch_size,
                       resident=True)

@@ -6,7 +6,9 @@ parameters is known finite (the next step's train loss).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from typing import Any
 from typing import Callable
 from typing import Iterator
@@ -24,6 +26,7 @@ from mnist_resnet.data import input_pipeline
 from mnist_resnet.data import mnist
 from mnist_resnet.data import order
 from mnist_resnet.training import evaluator as evaluator_lib
+from mnist_resnet.training import goodput
 from mnist_resnet.training import preemption
 from mnist_resnet.training import program as program_lib
 from mnist_resnet.training import progress
@@ -49,7 +52,12 @@ def eval_period(config: ml_collections.ConfigDict, num_examples: int) -> int:
 class LoopEnd:
   """What the loop hands to the results."""
   state: steps.TrainState
+  # The step the run ended at: the total, or where it reached its target.
+  step: int
   eval_results: dict[str, Any]
+  clock: goodput.TargetClock
+  # This invocation's seconds in the loop, by phase (see `_Timer`).
+  seconds: dict[str, float]
   # `train_figures` at the final step: None when no step was trained here
   # (resumed at the end; the final checkpoint's meta holds them).
   figures: dict[str, Any] | None
@@ -146,18 +154,17 @@ def save_checkpoint(ckpt: checkpoint_lib.Checkpointer,
                     config: ml_collections.ConfigDict, step: int,
                     state: steps.TrainState,
                     eval_results: Mapping[str, Any] | None,
-                    figures: Mapping[str, Any] | None = None) -> None:
-  """Starts the save of `state`, with the run's config (and, at the final
-  step, its `train_figures`) in its meta and, when a best checkpoint is
-  kept, the validation accuracy it is chosen by."""
+                    extra: Mapping[str, Any] | None = None) -> None:
+  """Starts the save of `state`, with the run's config (and `extra`: the
+  target clock, and at the final step the `train_figures`) in its meta
+  and, when a best checkpoint is kept, the validation accuracy it is chosen
+  by."""
   metrics = None
   if ckpt.keep_best and eval_results is not None:
     metrics = {checkpoint_lib.BEST_METRIC:
                eval_results[checkpoint_lib.BEST_METRIC]}
   meta = {"config": config.to_dict(), "devices": jax.device_count(),
-          "processes": jax.process_count(), "step": step}
-  if figures is not None:
-    meta[TRAIN_FIGURES] = dict(figures)
+          "processes": jax.process_count(), "step": step, **(extra or {})}
   ckpt.save(step, state, meta=meta, metrics=metrics)
 
 
@@ -189,6 +196,64 @@ class _Schedule:
             or (self.keep_best and self.evaluate(step)))
 
 
+def open_clock(config: ml_collections.ConfigDict,
+               ckpt: checkpoint_lib.Checkpointer, start: int
+               ) -> goodput.TargetClock:
+  """The target clock, going on from the checkpoint resumed from."""
+  saved = ckpt.read_meta(start).get(goodput.CLOCK) if start else None
+  return goodput.TargetClock(
+      config.target_accuracy,
+      goodput.target_split(config.validation_examples), saved)
+
+
+class _Timer:
+  """The loop's seconds by phase: evaluation (less the evaluation steps'
+  compilation, counted apart), checkpoint (the loop's thread blocked on
+  saves), training (the rest of the loop)."""
+
+  def __init__(self, evaluators: list[evaluator_lib.Evaluator]):
+    self._evaluators = evaluators
+    self._start = time.perf_counter()
+    self._compiled = self._compile_seconds()
+    self.evaluation = 0.0
+    self.checkpoint = 0.0
+
+  def _compile_seconds(self) -> float:
+    return sum(e.compile_seconds for e in self._evaluators)
+
+  @contextlib.contextmanager
+  def timing(self, phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
+
+  def compilation(self) -> float:
+    return self._compile_seconds() - self._compiled
+
+  def seconds(self) -> dict[str, float]:
+    loop = time.perf_counter() - self._start
+    compiling = self.compilation()
+    return {"training": loop - self.evaluation - self.checkpoint,
+            "evaluation": self.evaluation - compiling,
+            "evaluation_compilation": compiling,
+            "checkpoint_blocking": self.checkpoint}
+
+
+def _progress(config: ml_collections.ConfigDict, workdir: Workdir,
+              start: int, total: int
+              ) -> tuple[progress.TrainLog, progress.ProfileWindow]:
+  """The train metrics' log and the profile window of steps start+1..total."""
+  log = progress.TrainLog(workdir.metrics, batch_size=config.batch_size,
+                          log_every=config.log_every_steps,
+                          total_steps=total, start_step=start)
+  profile = progress.ProfileWindow(
+      workdir.profile_dir, num_steps=config.profile_steps,
+      start_step=start, total_steps=total)
+  return log, profile
+
+
 def train_loop(config: ml_collections.ConfigDict,
                program: program_lib.Program, state: steps.TrainState,
                data: LoopData, workdir: Workdir,
@@ -196,7 +261,7 @@ def train_loop(config: ml_collections.ConfigDict,
                on_step: StepObserver | None) -> LoopEnd:
   """Steps after the state's own up to the total: train, log, evaluate,
   checkpoint (through the workdir's checkpointer and metrics), stop on a
-  signal.
+  signal, or at the target accuracy with `stop_at_target`.
 
   A checkpoint is only good once the loss computed from its parameters is
   known finite: that is the next step's train loss, fetched right after the
@@ -206,26 +271,27 @@ def train_loop(config: ml_collections.ConfigDict,
   ckpt, reporter = workdir.checkpointer, workdir.metrics
   plan = _Schedule(config, total, len(data.train.labels), ckpt.keep_best)
   inputs = train_inputs(config, program, data.train, start, total)
-  log = progress.TrainLog(reporter, batch_size=config.batch_size,
-                           log_every=config.log_every_steps,
-                           total_steps=total, start_step=start)
-  profile = progress.ProfileWindow(
-      workdir.profile_dir, num_steps=config.profile_steps,
-      start_step=start, total_steps=total)
+  log, profile = _progress(config, workdir, start, total)
+  clock, timer = open_clock(config, ckpt, start), _Timer(data.evaluators)
 
-  def save(step, eval_results):
-    nonlocal figures
+  def save(step, eval_results, final):
+    extra = {goodput.CLOCK: clock.meta()}
+    if final:
+      extra[TRAIN_FIGURES] = train_figures(log, ckpt, start, step)
     workdir.check_lock()  # Never write over a run that took it over.
-    if step == total:
-      figures = train_figures(log, ckpt, start, step)
-    save_checkpoint(ckpt, config, step, state, eval_results, figures)
+    with timer.timing("checkpoint"):
+      save_checkpoint(ckpt, config, step, state, eval_results, extra)
     reporter.flush()
+    return extra.get(TRAIN_FIGURES)
 
   eval_results, figures = None, None
+  # A run that stopped at its target ends there, also on a rerun.
+  end = start if config.stop_at_target and clock.reached_step else total
   verify_step = start + 1  # The loss of the state we start from.
   signals.loop_started(multiprocess=jax.process_count() > 1)
+  clock.start()
   try:
-    for step in range(start + 1, total + 1):
+    for step in range(start + 1, end + 1):
       profile.before_step(step)
       state, metrics = program.train_step(state, next(inputs))
       log.dispatched(step, metrics)
@@ -236,29 +302,37 @@ def train_loop(config: ml_collections.ConfigDict,
       if step == verify_step or do_eval or do_ckpt:
         log.flush(step)  # Never save a state whose own step diverged.
       if do_eval:
-        with log.paused():
+        with log.paused(), timer.timing("evaluation"):
           eval_results = evaluate(data.evaluators, state, step)
+        clock.leave_out(timer.compilation())
         reporter.scalars(step, _eval_scalars(eval_results))
-      if do_ckpt:
-        save(step, eval_results if do_eval else None)
+        if clock.evaluated(step, eval_results) and config.stop_at_target:
+          end = step
+      if do_ckpt or step == end:
+        figures = save(step, eval_results if do_eval else None, step == end)
         verify_step = step + 1
+      if step == end:
+        break
       signum = signals.stop_requested(step, ckpt.reached_preemption)
-      if step < total and signum is not None:
+      if signum is not None:
         if not do_ckpt:
           log.flush(step)
-          save(step, None)
+          save(step, None, final=False)
         ckpt.wait_until_finished()
         raise Preempted(step, signum)
     jax.block_until_ready(state)
     if eval_results is None:  # Nothing left to train: resumed at the end.
-      eval_results = evaluate(data.evaluators, state, total)
-    test_logits = data.evaluators[0].logits_of_last_call()
-    test_figures = data.evaluators[0].figures_of_last_call()
-    ckpt.wait_until_finished()
+      end = start
+      eval_results = evaluate(data.evaluators, state, start)
+    with timer.timing("checkpoint"):
+      ckpt.wait_until_finished()
   except Diverged as e:
     raise set_aside_diverged(workdir, e) from None
   finally:
     profile.close()
     reporter.flush()
-  return LoopEnd(state=state, eval_results=eval_results, figures=figures,
-                 test_logits=test_logits, test_figures=test_figures)
+  test = data.evaluators[0]
+  return LoopEnd(state=state, step=end, eval_results=eval_results,
+                 clock=clock, seconds=timer.seconds(), figures=figures,
+                 test_logits=test.logits_of_last_call(),
+                 test_figures=test.figures_of_last_call())

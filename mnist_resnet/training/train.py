@@ -25,6 +25,7 @@ from mnist_resnet.data import mnist
 from mnist_resnet.data import order
 from mnist_resnet.data import split
 from mnist_resnet.model import pretrained
+from mnist_resnet.training import goodput
 from mnist_resnet.training import loop as loop_lib
 from mnist_resnet.training import preemption
 from mnist_resnet.training import program as program_lib
@@ -80,7 +81,7 @@ def best_results(workdir: Workdir, program: program_lib.Program,
   best = ckpt.best_step()
   if best is None:
     return {"best_step": None}
-  if best == program.total_steps:
+  if best == end.step:
     found = end.eval_results
   else:
     found = loop_lib.evaluate(
@@ -118,16 +119,19 @@ def recorded_figures(workdir: Workdir, step: int | None
   return workdir.checkpointer.read_meta(step).get(loop_lib.TRAIN_FIGURES)
 
 
-def final_results(config: ml_collections.ConfigDict, total_steps: int,
-                  end: loop_lib.LoopEnd, figures: Mapping[str, Any] | None,
-                  best: Mapping[str, Any]) -> dict[str, Any]:
+def final_results(config: ml_collections.ConfigDict, end: loop_lib.LoopEnd,
+                  figures: Mapping[str, Any] | None,
+                  best: Mapping[str, Any], phases: goodput.Goodput
+                  ) -> dict[str, Any]:
   """The record written to results.json; `figures` are the loop's
-  `train_figures` (null figures where no checkpoint recorded them)."""
-  figures = figures or {"resumed_from": total_steps, "steps_run": 0}
+  `train_figures` (null figures where no checkpoint recorded them), `phases`
+  this invocation's time."""
+  figures = figures or {"resumed_from": end.step, "steps_run": 0}
   return {
-      "step": total_steps,
+      "step": end.step,
       **end.eval_results,
       **best,
+      **end.clock.results(),
       "final_train_loss": figures.get("final_train_loss"),
       "params_sha256": steps.params_sha256(end.state.params),
       "train_seconds": figures.get("train_seconds"),
@@ -142,6 +146,8 @@ def final_results(config: ml_collections.ConfigDict, total_steps: int,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
+      "time": phases.breakdown(),
+      "versions": goodput.versions(),
       "config": config.to_dict(),
   }
 
@@ -156,8 +162,9 @@ def finished_results(config: ml_collections.ConfigDict, workdir: Workdir
       or results.get("step") != workdir.checkpointer.latest_step()):
     return None
   saved = results.get("config", {})
-  if any(saved.get(k) != config[k] for k in ("num_train_steps", "num_epochs")):
-    return None  # Asked to train longer.
+  if any(saved.get(k) != config[k] for k in (
+      "num_train_steps", "num_epochs", "target_accuracy", "stop_at_target")):
+    return None  # Asked to train longer, or to another end.
   if not isinstance(saved, dict) or config_changes(
       {**ADDED_KEYS, **saved}, config.to_dict()):
     return None  # Not this run's: written again from its checkpoint.
@@ -210,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `signals`: the process's StopSignals (train.py installs them first thing);
   by default installed here for the duration of the run.
   """
+  phases = goodput.Goodput()  # Where this invocation's time goes.
   validation.validate_config(config)
   validation.validate_workdir(workdir)
   with contextlib.ExitStack() as stack:
@@ -224,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return finished
     splits = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
-    program = program.compiled()  # Out of memory: one line, nothing run.
+    with phases.phase("compilation"):
+      program = program.compiled()  # Out of memory: one line, nothing run.
     state, resumed_from = restore_or_init(config, program, run)
     run.checkpointer.warm_up(state)
     if jax.process_index() == 0:
@@ -238,10 +247,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      total_steps=program.total_steps, start_step=start)
     end = loop_lib.train_loop(config, program, state, data, run, signals,
                               on_step)
-    best = best_results(run, program, data, end)
-    report_pictures(config, run, program, end, splits["test"])
+    for phase, seconds in end.seconds.items():
+      phases.add(phase, seconds)
+    with phases.phase("report"):
+      best = best_results(run, program, data, end)
+      report_pictures(config, run, program, end, splits["test"])
     figures = end.figures or recorded_figures(run, resumed_from)
-    results = final_results(config, program.total_steps, end, figures, best)
+    results = final_results(config, end, figures, best, phases)
   if jax.process_index() == 0:
     # Last: results.json marks the run done (a kill before it leaves a
     # run that a rerun reports again from its final checkpoint).

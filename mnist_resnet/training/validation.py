@@ -74,11 +74,22 @@ def _check_hidden_units(config: ml_collections.ConfigDict) -> None:
           "(256,) or 256,128; () for a single dense layer")
 
 
+def _check_target(config: ml_collections.ConfigDict) -> None:
+  if not 0 <= config.target_accuracy <= 1:
+    _fail(config, "target_accuracy", "must be in [0, 1] (0: off)")
+  if config.stop_at_target and not config.target_accuracy:
+    _fail(config, "stop_at_target", "needs a target_accuracy > 0")
+  if config.target_accuracy and config.eval_every_steps == 0:
+    _fail(config, "target_accuracy", "needs evaluations during the run: "
+          "eval_every_steps 0 only evaluates at the end")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key."""
   _check_finite(config)
   _check_seed(config)
   _check_hidden_units(config)
+  _check_target(config)
   for key, options in _CHOICES.items():
     if config[key] not in options:
       _fail(config, key, f"must be one of {', '.join(options)}")

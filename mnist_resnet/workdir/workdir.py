@@ -35,6 +35,8 @@ RESUMABLE_KEYS = frozenset({
     "distributed", "coordinator_address", "num_processes", "process_id",
     "num_train_steps", "num_epochs",
     "input_pipeline", "compilation_cache_dir", "deterministic", "conv_as_dot",
+    # Where the run ends and what it reports, not what it computes.
+    "target_accuracy", "stop_at_target",
 })
 
 # Every config key added after a workdir could first be written, with the
@@ -49,6 +51,7 @@ ADDED_KEYS = {
     "compilation_cache_dir": "",
     "deterministic": False, "input_pipeline": "tfdata",
     "conv_as_dot": "auto",
+    "target_accuracy": 0.0, "stop_at_target": False,
 }
 
 
