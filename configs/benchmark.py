@@ -19,8 +19,11 @@ def get_config(base: str = "default") -> ml_collections.ConfigDict:
   c.init = "scratch"  # Weights do not change the speed; skip the download.
   if base in ("", "default"):
     c.batch_size = 128
-  # input | step | train | all (the three, then loop_efficiency).
+  # input | step | train | all (the three, then loop_efficiency) | target
+  # (train to target_accuracy once per seed below: time to accuracy).
   c.mode = "all"
+  # The target mode's seeds, comma-separated.
+  c.seeds = "0,1"
   # Images the input benchmark times after its warm-up.
   c.input_images = 200_000
   # Timed steps, after bench_warmup_steps untimed ones, for the step and

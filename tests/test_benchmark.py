@@ -260,6 +260,35 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith("error: missing train-images-idx3-ubyte")
   assert "Traceback" not in result.stderr
+  assert all(r["versions"]["jax"] and r["versions"]["device_kind"] == "cpu"
+             for r in lines)
+
+
+def test_target_mode_reports_each_seed_and_their_spread(mnist_dir):
+  """Time to accuracy over two seeds, each stopping at its target; seed 0
+  reaches validation accuracy 0.576 at step 60 (0.214 at 40)."""
+  result = _run("--config=configs/benchmark.py:smoke", "--config.mode=target",
+                f"--config.data_dir={mnist_dir}", "--config.download=false",
+                "--config.num_train_steps=100", "--config.eval_every_steps=20",
+                "--config.validation_examples=1000",
+                "--config.target_accuracy=0.5", "--config.seeds=0,1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  *seeds, spread = _json_lines(result.stdout)
+  assert [r["mode"] for r in seeds] == ["target", "target"]
+  assert [r["seed"] for r in seeds] == [0, 1]
+  assert seeds[0]["target_reached_step"] == seeds[0]["step"] == 60
+  for r in seeds:
+    assert r["target_split"] == "validation" and r["target_accuracy"] == 0.5
+    assert r["compile_seconds"] > 0 and r["images_per_sec"] > 0
+    assert r["versions"]["jax"]
+  reached = [r["seconds_to_target"] for r in seeds
+             if r["target_reached_step"] is not None]
+  assert spread["mode"] == "target_summary" and spread["seeds"] == [0, 1]
+  assert spread["reached"] == len(reached)
+  assert spread["seconds_to_target_min"] == min(reached)
+  assert spread["seconds_to_target_max"] == max(reached)
+  assert spread["images_per_sec_median"] == pytest.approx(
+      np.median([r["images_per_sec"] for r in seeds]), abs=1e-3)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -269,6 +298,10 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
     (("--config.bench_steps=0",), "config.bench_steps=0"),
     (("--config.input_pipelines=tfdata,disk",),
      "config.input_pipelines='tfdata,disk': 'disk' is not one of"),
+    (("--config.mode=target",),
+     "config.target_accuracy=0.0: the target mode needs a target"),
+    (("--config.mode=target", "--config.target_accuracy=0.9",
+      "--config.seeds=0,x"), "config.seeds='0,x': must be comma-separated"),
 ])
 def test_bad_benchmark_keys_are_config_errors(tmp_path, args, message):
   result = _run(*args, f"--config.data_dir={tmp_path}")

@@ -61,9 +61,15 @@ if args[0] == "train.py":
   sys.exit()
 assert args[:2] == ["-m", "mnist_resnet.benchmark"], args
 from mnist_resnet.commands import bench_modes
+from mnist_resnet.commands import bench_target
 from mnist_resnet.commands import benchmark
 flags.FLAGS(args[1:])
 config = benchmark._CONFIG.value
+if config.mode == "target":
+  for seed in bench_target.parse_seeds(config.seeds):
+    bench_target.seed_config(config, seed)
+    print(json.dumps({"mode": "target", "seed": seed}))
+  sys.exit()
 bench_modes.bench_steps(config)
 for c in benchmark.combinations(config):
   validation.validate_config(c)
@@ -105,7 +111,11 @@ def test_accelerator_checks_quick_mode_runs_every_check(mnist_dir, tmp_path):
   failed = [l for l in lines if "failed" in l]
   assert not failed, (failed, proc.stdout[-3000:])
   checks = {l.get("check") for l in lines}
-  assert {"devices", "smoke", "scratch", "scratch_10_epochs"} <= checks, checks
+  assert {"devices", "smoke", "deterministic_repeat", "scratch",
+          "scratch_10_epochs"} <= checks, checks
+  assert [l["seed"] for l in lines if l.get("mode") == "target"] == [0, 1]
+  repeat = next(l for l in lines if l.get("check") == "deterministic_repeat")
+  assert len(repeat["params_sha256"]) == 2
   assert sum(l.get("mode") == "all" for l in lines) == 2, proc.stdout
   # The two step-mode variants say what they varied.
   steps = [l for l in lines if l.get("mode") == "step"]

@@ -5,15 +5,20 @@
 #
 #   1. train.py, configs/smoke.py, device pipeline: runs end to end with no
 #      TensorFlow installed (results.json, compact);
-#   2. configs/scratch.py as shipped, device pipeline (results.json);
-#   3. the benchmark, step and train modes with the device pipeline, bf16:
+#   2. time to accuracy: configs/large_batch.py to 99.5% on held-out
+#      validation images, seeds 0 and 1 (the benchmark's target mode: a
+#      line per seed with seconds_to_target, then their median and range);
+#   3. two identical deterministic runs of configs/smoke.py: the same
+#      params_sha256 or not ({"check": "deterministic_repeat", ...});
+#   4. configs/scratch.py as shipped, device pipeline (results.json);
+#   5. the benchmark, step and train modes with the device pipeline, bf16:
 #      32x32 at batch 1024, then 224x224 at batch 256 (step, train and
 #      loop_efficiency lines);
-#   4. the PyTorch peer at the same sizes and precision, if PEER_TORCH_PY
+#   6. the PyTorch peer at the same sizes and precision, if PEER_TORCH_PY
 #      (e.g. ../shared/bench/peer_torch.py) is given and torch imports;
-#   5. the step mode at 32x32 batch 1024 with conv_as_dot never, then with
-#      deterministic XLA ops, to compare with 3;
-#   6. configs/scratch.py for 10 epochs (more epochs than the CPU can give).
+#   7. the step mode at 32x32 batch 1024 with conv_as_dot never, then with
+#      deterministic XLA ops, to compare with 5;
+#   8. configs/scratch.py for 10 epochs (more epochs than the CPU can give).
 #
 # Each check runs under its own time limit, and all of them under
 # DEADLINE_SECONDS (default 0: none): a check that cannot have its minimum
@@ -40,12 +45,16 @@ cd "$(dirname "$0")/.." || exit 2
 
 QUICK=()
 BENCH_QUICK=()
+TARGET_QUICK=()
 SIZES=("32 1024" "224 256")
 PEER_STEPS=20
 if [[ ${ACCELERATOR_CHECKS_QUICK:-0} == 1 ]]; then
   QUICK=(--config.num_train_steps=12 --config.model=resnet_tiny)
   BENCH_QUICK=(--config.model=resnet_tiny --config.bench_steps=2
                --config.bench_warmup_steps=1)
+  TARGET_QUICK=(--config.model=resnet_tiny --config.batch_size=64
+                --config.dtype=float32 --config.num_train_steps=12
+                --config.eval_every_steps=6 --config.target_accuracy=0.2)
   SIZES=("32 64" "64 32")
   PEER_STEPS=2
 fi
@@ -112,6 +121,27 @@ print(json.dumps({"check": "devices", "jax": jax.__version__,
                   "devices": [d.device_kind for d in jax.devices()]}))'
 
 train_check smoke 30 120 configs/smoke.py "${QUICK[@]}"
+
+check time_to_target 90 300 "$PYTHON" -m mnist_resnet.benchmark \
+  --config=configs/benchmark.py:large_batch --config.mode=target \
+  --config.seeds=0,1 --config.data_dir="$DATA_DIR" --config.download=false \
+  "${TARGET_QUICK[@]}"
+
+for i in 1 2; do
+  train_check "deterministic_$i" 30 120 configs/smoke.py \
+    --config.deterministic=true "${QUICK[@]}"
+done
+"$PYTHON" -c 'import json, sys
+hashes = []
+for run in sys.argv[1:]:
+  try:
+    hashes.append(json.load(open(run + "/results.json")).get("params_sha256"))
+  except OSError:
+    hashes.append(None)
+print(json.dumps({"check": "deterministic_repeat", "params_sha256": hashes,
+                  "same": None not in hashes and len(set(hashes)) == 1}))' \
+  "$OUT_DIR/deterministic_1" "$OUT_DIR/deterministic_2"
+
 train_check scratch 60 180 configs/scratch.py "${QUICK[@]}"
 
 # The 224x224 benchmark compiles the longest: it gets the most time.

@@ -22,10 +22,12 @@ import ml_collections
 from ml_collections import config_flags
 
 from mnist_resnet.commands import bench_modes
+from mnist_resnet.commands import bench_target
 from mnist_resnet.core import cli
 from mnist_resnet.core import parallel
 from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.data import input_pipeline
+from mnist_resnet.training import goodput
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Benchmark config file (configs/benchmark.py).",
@@ -47,13 +49,14 @@ def parse_sizes(text: str, default: int, key: str) -> list[int]:
 
 
 def modes_to_run(mode: str) -> list[str]:
-  """The modes config.mode selects ("all": every one, in order)."""
+  """The modes config.mode selects ("all": every throughput one, in order;
+  "target" trains to a target instead, see bench_target.py)."""
   names = list(bench_modes.MODES)
   if mode == "all":
     return names
-  if mode not in names:
+  if mode not in [*names, "target"]:
     raise ConfigError(f"config.mode={mode!r}: not one of "
-                      f"{', '.join([*names, 'all'])}")
+                      f"{', '.join([*names, 'all', 'target'])}")
   return [mode]
 
 
@@ -107,14 +110,18 @@ def combinations(config: ml_collections.ConfigDict
 def measure_all(config: ml_collections.ConfigDict,
                 emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
   """Every selected mode for every combination and input pipeline; each
-  result goes to `emit` as soon as it is measured. The step mode does not
+  result goes to `emit` as soon as it is measured, with the versions that
+  produced it. The step mode does not
   depend on the pipeline, and the input mode not on the image size, so
   each is measured once per combination that changes it."""
   modes = modes_to_run(config.mode)
+  if modes == ["target"]:
+    return bench_target.measure_target(config, emit)
   bench_modes.bench_steps(config)
   pipelines = parse_pipelines(config.input_pipelines, config.input_pipeline)
   results = []
   seen_input: set[tuple[int, str]] = set()
+  versions = goodput.versions()  # What produced every line.
   for c in combinations(config):
     shared: dict[str, Any] = {}
     step = None
@@ -128,12 +135,14 @@ def measure_all(config: ml_collections.ConfigDict,
           seen_input.add((c.batch_size, name))
         if mode == "step" and step is not None:
           continue
-        by_mode[mode] = bench_modes.MODES[mode](c, shared)
+        by_mode[mode] = {**bench_modes.MODES[mode](c, shared),
+                         "versions": versions}
         results.append(by_mode[mode])
         emit(by_mode[mode])
       step = by_mode.get("step", step)
       if config.mode == "all":
-        summary = loop_efficiency(step, by_mode["train"])
+        summary = {**loop_efficiency(step, by_mode["train"]),
+                   "versions": versions}
         results.append(summary)
         emit(summary)
   return results
@@ -181,8 +190,8 @@ def main(argv: list[str]) -> None:
     # Before anything touches a device (a GPU's deterministic mode).
     parallel.request_deterministic_ops(config.deterministic)
     results = measure_all(config, lambda r: print(json.dumps(r), flush=True))
-    if len(combinations(config)) * len(parse_pipelines(
-        config.input_pipelines, config.input_pipeline)) > 1:
+    if config.mode != "target" and len(combinations(config)) * len(
+        parse_pipelines(config.input_pipelines, config.input_pipeline)) > 1:
       print(format_table(results), flush=True)
 
 
