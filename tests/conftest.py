@@ -41,12 +41,14 @@ def _has_mnist(directory: pathlib.Path) -> bool:
              for f in MNIST_FILES)
 
 
-# The slowest files, slowest first (their summed `--durations`, 2 workers on
-# 2 cores: 1205, 782, 539 and 356 s). With `-n`, whole files go to whichever
+# The slowest files, slowest first (the first three's summed `--durations`,
+# 2 workers on 2 cores: 1205, 782 and 539 s; each of the others trains
+# several runs of a minute or so). With `-n`, whole files go to whichever
 # worker is free in collection order, so a heavy file collected last would
 # run alone at the end; a stale list costs balance, never correctness.
 SLOWEST_FILES = ("test_train.py", "test_preemption.py", "test_multihost.py",
-                 "test_benchmark.py")
+                 "test_gcs.py", "test_benchmark.py", "test_run_record.py",
+                 "test_goodput.py")
 
 
 def pytest_collection_modifyitems(items):
