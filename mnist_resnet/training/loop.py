@@ -261,11 +261,8 @@ def train_loop(config: ml_collections.ConfigDict,
                on_step: StepObserver | None) -> LoopEnd:
   """Steps after the state's own up to the total: train, log, evaluate,
   checkpoint (through the workdir's checkpointer and metrics), stop on a
-  signal, or at the target accuracy with `stop_at_target`.
-
-  A checkpoint is only good once the loss computed from its parameters is
-  known finite: that is the next step's train loss, fetched right after the
-  step following each save; a non-finite one sets the checkpoint aside.
+  signal, or at the target accuracy with `stop_at_target`. A checkpoint is
+  good once the next step's loss, fetched right after it, is finite.
   """
   start, total = int(jax.device_get(state.step)), program.total_steps
   ckpt, reporter = workdir.checkpointer, workdir.metrics
