@@ -198,6 +198,8 @@ def test_all_modes_tiny_model(mnist_dir, tmp_path):
                     "train_resnet_tiny_32px_b32_float32",
                     "train_resnet_tiny_32px_b32_float32_device"], traces
   assert list(tmp_path.glob("step_*/**/perfetto_trace.json.gz"))
+  assert all(r["versions"]["jax"] and r["versions"]["device_kind"] == "cpu"
+             for r in lines)
 
 
 def test_device_pipeline_benchmarks_without_tensorflow(mnist_dir):
@@ -261,8 +263,6 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith("error: missing train-images-idx3-ubyte")
   assert "Traceback" not in result.stderr
-  assert all(r["versions"]["jax"] and r["versions"]["device_kind"] == "cpu"
-             for r in lines)
 
 
 def test_target_mode_reports_each_seed_and_their_spread(monkeypatch):

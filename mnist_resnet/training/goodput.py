@@ -108,6 +108,10 @@ class Goodput:
   def add(self, name: str, seconds: float) -> None:
     self._seconds[name] += seconds
 
+  def seconds(self, name: str) -> float:
+    """The seconds spent in phase `name` so far."""
+    return self._seconds[name]
+
   def breakdown(self) -> dict[str, float]:
     """Each phase's seconds; `start_up` for the rest (checks, the lock,
     loading the data, building the program, restoring or initialising the

@@ -6,7 +6,6 @@ parameters is known finite (the next step's train loss).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -215,19 +214,11 @@ class _Timer:
     self._evaluators = evaluators
     self._start = time.perf_counter()
     self._compiled = self._compile_seconds()
-    self.evaluation = 0.0
-    self.checkpoint = 0.0
+    self._phases = goodput.Goodput()
+    self.timing = self._phases.phase  # timing("evaluation"): a context.
 
   def _compile_seconds(self) -> float:
     return sum(e.compile_seconds for e in self._evaluators)
-
-  @contextlib.contextmanager
-  def timing(self, phase: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
 
   def compilation(self) -> float:
     return self._compile_seconds() - self._compiled
@@ -235,10 +226,12 @@ class _Timer:
   def seconds(self) -> dict[str, float]:
     loop = time.perf_counter() - self._start
     compiling = self.compilation()
-    return {"training": loop - self.evaluation - self.checkpoint,
-            "evaluation": self.evaluation - compiling,
+    evaluation = self._phases.seconds("evaluation")
+    checkpoint = self._phases.seconds("checkpoint")
+    return {"training": loop - evaluation - checkpoint,
+            "evaluation": evaluation - compiling,
             "evaluation_compilation": compiling,
-            "checkpoint_blocking": self.checkpoint}
+            "checkpoint_blocking": checkpoint}
 
 
 def _progress(config: ml_collections.ConfigDict, workdir: Workdir,

@@ -73,6 +73,19 @@ def restore_or_init(config: ml_collections.ConfigDict,
   return state, latest
 
 
+def check_fresh_start(config: ml_collections.ConfigDict,
+                      program: program_lib.Program, workdir: Workdir) -> None:
+  """A fresh start's pretrained weights, found (downloaded if need be) and
+  checked against the model's shapes now, before the step compiles: a file
+  that does not fit is one line in seconds, not after a compilation."""
+  if (config.init != "imagenet"
+      or workdir.checkpointer.latest_step() is not None):
+    return
+  weights = pretrained.resolve_weights(config.pretrained_weights, config.model)
+  pretrained.load_backbone(weights, jax.eval_shape(program.init_variables),
+                           config.model)
+
+
 def best_results(workdir: Workdir, program: program_lib.Program,
                  data: loop_lib.LoopData, end: loop_lib.LoopEnd
                  ) -> dict[str, Any]:
@@ -232,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return finished
     splits = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
+    check_fresh_start(config, program, run)
     with phases.phase("compilation"):
       program = program.compiled()  # Out of memory: one line, nothing run.
     state, resumed_from = restore_or_init(config, program, run)
