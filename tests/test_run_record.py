@@ -94,17 +94,6 @@ def test_damaged_config_and_results_are_written_again(
     assert after[key] == before[key], key
 
 
-def test_config_json_that_is_a_directory_is_one_line(finished, mnist_dir,
-                                                     tmp_path):
-  workdir = copy_of(finished, tmp_path)
-  (workdir / "config.json").unlink()
-  (workdir / "config.json").mkdir()
-  proc = run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
-                   check=False)
-  assert one_line_error(proc).endswith(
-      "config.json is a directory, not a file; move it away")
-
-
 def test_ctrl_c_during_the_report_exits_130_with_the_results(
     finished, mnist_dir, tmp_path):
   """One Ctrl-C once the last checkpoint is on disk (the report is being
