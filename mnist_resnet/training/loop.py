@@ -57,8 +57,8 @@ class LoopEnd:
   clock: goodput.TargetClock
   # This invocation's seconds in the loop, by phase (see `_Timer`).
   seconds: dict[str, float]
-  # `train_figures` at the final step: None when no step was trained here
-  # (resumed at the end; the final checkpoint's meta holds them).
+  # `train_figures` at the final step; resumed at the end, those its meta
+  # holds (None for a checkpoint saved before they were).
   figures: dict[str, Any] | None
   # The final test evaluation's logits and figures, for the report.
   test_logits: np.ndarray
@@ -196,13 +196,13 @@ class _Schedule:
 
 
 def open_clock(config: ml_collections.ConfigDict,
-               ckpt: checkpoint_lib.Checkpointer, start: int
-               ) -> goodput.TargetClock:
-  """The target clock, going on from the checkpoint resumed from."""
-  saved = ckpt.read_meta(start).get(goodput.CLOCK) if start else None
+               resumed: Mapping[str, Any]) -> goodput.TargetClock:
+  """The target clock, going on from the meta of the checkpoint resumed
+  from (empty for a fresh start)."""
   return goodput.TargetClock(
       config.target_accuracy,
-      goodput.target_split(config.validation_examples), saved)
+      goodput.target_split(config.validation_examples),
+      resumed.get(goodput.CLOCK))
 
 
 class _Timer:
@@ -262,7 +262,8 @@ def train_loop(config: ml_collections.ConfigDict,
   plan = _Schedule(config, total, len(data.train.labels), ckpt.keep_best)
   inputs = train_inputs(config, program, data.train, start, total)
   log, profile = _progress(config, workdir, start, total)
-  clock, timer = open_clock(config, ckpt, start), _Timer(data.evaluators)
+  resumed = ckpt.read_meta(start) if start else {}
+  clock, timer = open_clock(config, resumed), _Timer(data.evaluators)
 
   def save(step, eval_results, final):
     extra = {goodput.CLOCK: clock.meta()}
@@ -312,7 +313,7 @@ def train_loop(config: ml_collections.ConfigDict,
         raise Preempted(step, signum)
     jax.block_until_ready(state)
     if eval_results is None:  # Nothing left to train: resumed at the end.
-      end = start
+      end, figures = start, resumed.get(TRAIN_FIGURES)
       eval_results = evaluate(data.evaluators, state, start)
     with timer.timing("checkpoint"):
       ckpt.wait_until_finished()

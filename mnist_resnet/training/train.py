@@ -123,23 +123,13 @@ def report_pictures(config: ml_collections.ConfigDict, workdir: Workdir,
   workdir.metrics.image(step, report_lib.CONFUSION_TAG, report.confusion_png)
 
 
-def recorded_figures(workdir: Workdir, step: int | None
-                     ) -> dict[str, Any] | None:
-  """The train figures saved with checkpoint `step` by the run that trained
-  up to it (None for a checkpoint saved before its run's end, or older)."""
-  if step is None:
-    return None
-  return workdir.checkpointer.read_meta(step).get(loop_lib.TRAIN_FIGURES)
-
-
 def final_results(config: ml_collections.ConfigDict, end: loop_lib.LoopEnd,
-                  figures: Mapping[str, Any] | None,
                   best: Mapping[str, Any], phases: goodput.Goodput
                   ) -> dict[str, Any]:
-  """The record written to results.json; `figures` are the loop's
-  `train_figures` (null figures where no checkpoint recorded them), `phases`
-  this invocation's time."""
-  figures = figures or {"resumed_from": end.step, "steps_run": 0}
+  """The record written to results.json: the loop's `train_figures` (null
+  figures where no checkpoint recorded them), `phases` this invocation's
+  time."""
+  figures = end.figures or {"resumed_from": end.step, "steps_run": 0}
   return {
       "step": end.step,
       **end.eval_results,
@@ -174,12 +164,13 @@ def finished_results(config: ml_collections.ConfigDict, workdir: Workdir
   if (results is None
       or results.get("step") != workdir.checkpointer.latest_step()):
     return None
-  saved = results.get("config", {})
+  saved = results.get("config")
+  if not isinstance(saved, dict):
+    return None  # Not a run's record: written again from its checkpoint.
   if any(saved.get(k) != config[k] for k in (
       "num_train_steps", "num_epochs", "target_accuracy", "stop_at_target")):
     return None  # Asked to train longer, or to another end.
-  if not isinstance(saved, dict) or config_changes(
-      {**ADDED_KEYS, **saved}, config.to_dict()):
+  if config_changes({**ADDED_KEYS, **saved}, config.to_dict()):
     return None  # Not this run's: written again from its checkpoint.
   return results
 
@@ -248,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_fresh_start(config, program, run)
     with phases.phase("compilation"):
       program = program.compiled()  # Out of memory: one line, nothing run.
-    state, resumed_from = restore_or_init(config, program, run)
+    state, _ = restore_or_init(config, program, run)
     run.checkpointer.warm_up(state)
     if jax.process_index() == 0:
       run.save_config(config.to_dict())
@@ -266,8 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with phases.phase("report"):
       best = best_results(run, program, data, end)
       report_pictures(config, run, program, end, splits["test"])
-    figures = end.figures or recorded_figures(run, resumed_from)
-    results = final_results(config, end, figures, best, phases)
+    results = final_results(config, end, best, phases)
   if jax.process_index() == 0:
     # Last: results.json marks the run done (a kill before it leaves a
     # run that a rerun reports again from its final checkpoint).
