@@ -22,11 +22,17 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   # --- Data --------------------------------------------------------------
+  # mnist: the four MNIST idx files in data_dir. tfds:NAME[/CONFIG][:VERSION]:
+  # a TensorFlow Datasets dataset of 28x28x1 uint8 images with 10 classes
+  # (tfds:mnist, tfds:fashion_mnist, tfds:kmnist, ...), prepared in data_dir
+  # used as TFDS's data_dir (local or gs://); needs tensorflow-datasets.
+  c.dataset = "mnist"
   # Directory with the four MNIST idx files (train-images-idx3-ubyte.gz and
-  # friends, gzip-compressed or not).
+  # friends, gzip-compressed or not), or TFDS's data_dir for a tfds: dataset.
   c.data_dir = "data/mnist"
   # Fetch missing files from the public MNIST mirrors (checked against the
-  # official md5). False: a missing file is an error.
+  # official md5), or let TFDS prepare a missing dataset. False: missing data
+  # is an error.
   c.download = True
   # tfdata: tf.data on the host feeds each step. device: the whole dataset
   # (47 MB) sits on every device and the step gathers its own batch; no
@@ -170,5 +176,13 @@ def get_config() -> ml_collections.ConfigDict:
   # $JAX_PROCESS_ID or auto-detect.
   c.num_processes = -1
   c.process_id = -1
+  # JAX's cluster detection to use when the values above are unset: empty
+  # tries each (Cloud TPU, SLURM, Open MPI 4, Kubernetes); mpi4py (opt-in in
+  # JAX) serves Open MPI 5 and other MPIs, which JAX cannot detect otherwise.
+  c.cluster_detection = ""
+  # This process's accelerators, e.g. "0,1,2,3"; empty: JAX's choice (under
+  # SLURM or Open MPI: the one GPU of the local task index, for one task per
+  # GPU; with one task per host, list every GPU of the host here).
+  c.local_device_ids = ""
 
   return c

@@ -33,6 +33,7 @@ RESUMABLE_KEYS = frozenset({
     "log_every_steps", "eval_every_steps", "eval_batch_size",
     "checkpoint_every_steps", "max_checkpoints_to_keep", "profile_steps",
     "distributed", "coordinator_address", "num_processes", "process_id",
+    "cluster_detection", "local_device_ids",
     "num_train_steps", "num_epochs",
     "input_pipeline", "compilation_cache_dir", "deterministic", "conv_as_dot",
     # Where the run ends and what it reports, not what it computes.
@@ -52,6 +53,7 @@ ADDED_KEYS = {
     "deterministic": False, "input_pipeline": "tfdata",
     "conv_as_dot": "auto",
     "target_accuracy": 0.0, "stop_at_target": False,
+    "dataset": "mnist", "cluster_detection": "", "local_device_ids": "",
 }
 
 
