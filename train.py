@@ -50,13 +50,17 @@ def main(argv):
   config = cli.config_value(_CONFIG)
   try:
     with cli.user_errors():
-      # Before anything touches a device: XLA's flags, then join the other
-      # processes, if any.
+      # Before anything touches a device: the start-up keys checked, XLA's
+      # flags, then join the other processes, if any.
+      parallel.parse_start_up_keys(config.cluster_detection,
+                                   config.local_device_ids)
       parallel.request_deterministic_ops(config.deterministic)
       parallel.initialize_distributed(
           enabled=config.distributed,
           coordinator_address=config.coordinator_address,
-          num_processes=config.num_processes, process_id=config.process_id)
+          num_processes=config.num_processes, process_id=config.process_id,
+          cluster_detection=config.cluster_detection,
+          local_device_ids=config.local_device_ids)
       cli.tag_logs_with_process()
       # A restarted run (preemption!) loads its programs instead of compiling.
       compile_cache.enable(config.compilation_cache_dir, _WORKDIR.value)

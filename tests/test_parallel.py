@@ -6,14 +6,24 @@ recorders, so the real backend is never touched.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from mnist_resnet.core import parallel
+from mnist_resnet.core.errors import ConfigError
+
+SMOKE = str(REPO_ROOT / "configs" / "smoke.py")
 
 ENV = (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES,
        parallel.ENV_PROCESS_ID)
+# The arguments left to JAX when the config keys are empty.
+UNSET = {"local_device_ids": None, "cluster_detection_method": None}
 
 
 @pytest.fixture
@@ -51,7 +61,7 @@ def test_arguments_win_over_environment(recorded, monkeypatch):
       process_id=3)
   assert initialized_with(recorded) == {
       "coordinator_address": "arg-host:2222", "num_processes": 4,
-      "process_id": 3}
+      "process_id": 3, **UNSET}
 
 
 def test_process_zero_argument_is_set(recorded, monkeypatch):
@@ -67,7 +77,7 @@ def test_environment_used_when_arguments_unset(recorded, monkeypatch):
       enabled=True, coordinator_address="", num_processes=-1, process_id=-1)
   assert initialized_with(recorded) == {
       "coordinator_address": "env-host:1111", "num_processes": 8,
-      "process_id": 5}
+      "process_id": 5, **UNSET}
 
 
 def test_each_value_resolved_on_its_own(recorded, monkeypatch):
@@ -78,13 +88,14 @@ def test_each_value_resolved_on_its_own(recorded, monkeypatch):
                                   coordinator_address="arg-host:2222")
   assert initialized_with(recorded) == {
       "coordinator_address": "arg-host:2222", "num_processes": 6,
-      "process_id": None}
+      "process_id": None, **UNSET}
 
 
 def test_neither_leaves_values_to_jax_detection(recorded):
   assert parallel.initialize_distributed(enabled=True)
   assert initialized_with(recorded) == {
-      "coordinator_address": None, "num_processes": None, "process_id": None}
+      "coordinator_address": None, "num_processes": None, "process_id": None,
+      **UNSET}
 
 
 def test_disabled_off_cloud_tpu_does_nothing(recorded, monkeypatch):
@@ -99,7 +110,102 @@ def test_cloud_tpu_initializes_even_when_not_enabled(recorded, monkeypatch):
   monkeypatch.setattr(parallel, "on_cloud_tpu", lambda: True)
   assert parallel.initialize_distributed(enabled=False)
   assert initialized_with(recorded) == {
-      "coordinator_address": None, "num_processes": None, "process_id": None}
+      "coordinator_address": None, "num_processes": None, "process_id": None,
+      **UNSET}
+
+
+# --- cluster_detection and local_device_ids -------------------------------
+
+SLURM_NEEDS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+               "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def test_detection_method_and_device_ids_reach_initialize(recorded,
+                                                          monkeypatch):
+  """mpi4py (Open MPI 5's route) is opt-in in JAX: named, it is passed on;
+  the device list becomes integers."""
+  from jax._src import clusters
+  monkeypatch.setattr(clusters.Mpi4pyCluster, "is_env_present",
+                      classmethod(lambda cls: True))
+  assert parallel.initialize_distributed(
+      enabled=True, cluster_detection="mpi4py", local_device_ids="0, 1,3")
+  assert initialized_with(recorded) == {
+      "coordinator_address": None, "num_processes": None, "process_id": None,
+      "local_device_ids": [0, 1, 3], "cluster_detection_method": "mpi4py"}
+
+
+def test_jax_knows_the_documented_detection_methods():
+  """The names docs/reference.md gives; read from the installed JAX."""
+  names = parallel.cluster_detection_methods()
+  assert {"slurm", "ompi", "mpi4py", "gketpu", "gcetpu"} <= set(names)
+  for name in names:
+    assert parallel.parse_start_up_keys(name, "") == (name, None)
+  assert parallel.parse_start_up_keys("", " ") == (None, None)
+  assert parallel.parse_start_up_keys("", "7") == (None, [7])
+
+
+@pytest.mark.parametrize("detection, ids, message", [
+    ("slurmm", "", "config.cluster_detection='slurmm': not one of JAX's "
+     "cluster detection methods (gcetpu, gketpu, mpi4py, ompi, slurm"),
+    ("SLURM", "", "config.cluster_detection='SLURM': not one of"),
+    ("", "0,,1", "config.local_device_ids='0,,1': must be non-negative "
+     "integers separated by commas"),
+    ("", "-1", "config.local_device_ids='-1': must be non-negative"),
+    ("", "0;1", "config.local_device_ids='0;1': must be non-negative"),
+    ("", "1.5", "config.local_device_ids='1.5': must be non-negative"),
+    ("", "0,1,0", "config.local_device_ids='0,1,0': lists a device twice"),
+])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_bad_start_up_keys_are_refused_before_initialize(
+    recorded, detection, ids, message, enabled):
+  """Also in a run that would not join others: a bad value is reported
+  whatever the other keys say."""
+  with pytest.raises(ConfigError) as e:
+    parallel.initialize_distributed(enabled=enabled,
+                                    cluster_detection=detection,
+                                    local_device_ids=ids)
+  assert str(e.value).startswith(message), e.value
+  assert recorded == {"initialize": [], "config": []}
+
+
+def test_named_detection_without_its_environment_is_an_error(recorded,
+                                                             monkeypatch):
+  """JAX would log the miss and fail later on a missing coordinator
+  address, with a traceback."""
+  for name in SLURM_NEEDS:
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ConfigError) as e:
+    parallel.initialize_distributed(enabled=True, cluster_detection="slurm")
+  assert str(e.value).startswith(
+      "config.cluster_detection='slurm': JAX finds no slurm environment in "
+      "this process (needs SLURM_JOB_ID"), e.value
+  assert recorded == {"initialize": [], "config": []}
+  for name in SLURM_NEEDS:
+    monkeypatch.setenv(name, "0")
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "node0")
+  parallel.initialize_distributed(enabled=True, cluster_detection="slurm")
+  assert initialized_with(recorded)["cluster_detection_method"] == "slurm"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.cluster_detection=pbs", "error: config.cluster_detection="
+     "'pbs': not one of JAX's cluster detection methods"),
+    ("--config.local_device_ids=0,0", "error: config.local_device_ids="
+     "'0,0': lists a device twice"),
+])
+def test_train_refuses_bad_start_up_keys_in_one_line(tmp_path, override,
+                                                     message):
+  """Before anything starts: no workdir, even without distributed=true."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
+       f"--workdir={tmp_path / 'w'}", override], cwd=REPO_ROOT, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(message), (
+      proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_global_shape_multiplies_rows_by_process_count(monkeypatch):

@@ -18,6 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from mnist_resnet.core.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -103,17 +105,91 @@ def on_cloud_tpu() -> bool:
   return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+# What JAX's cluster detection needs, said when it finds nothing.
+_DETECTION_NEEDS = {
+    "slurm": "SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID "
+             "and SLURM_LOCALID, as srun sets them",
+    "ompi": "OMPI_MCA_orte_hnp_uri, as Open MPI 4's mpirun sets it (Open MPI "
+            "5 does not: use mpi4py)",
+    "mpi4py": "the mpi4py package (and an MPI library)",
+}
+
+
+def _cluster_types() -> list[Any] | None:
+  """JAX's cluster detection classes (it lists them nowhere public); None
+  where the installed JAX keeps them elsewhere."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  try:
+    from jax._src import clusters
+    return list(clusters.ClusterEnv._cluster_types)
+  except (ImportError, AttributeError):
+    return None
+
+
+def cluster_detection_methods() -> tuple[str, ...] | None:
+  """The names jax.distributed.initialize's cluster_detection_method takes,
+  read from the installed JAX; None if they cannot be read there."""
+  types = _cluster_types()
+  if types is None:
+    return None
+  return tuple(sorted({t.name for t in types if t.name}))
+
+
+def parse_start_up_keys(cluster_detection: str, local_device_ids: str
+                        ) -> tuple[str | None, list[int] | None]:
+  """The two keys as jax.distributed.initialize takes them (empty: None).
+
+  Raises ConfigError for a name JAX does not know or an id list that is not
+  distinct non-negative integers separated by commas: before any start-up.
+  """
+  method = cluster_detection or None
+  names = cluster_detection_methods()
+  if method is not None and names is not None and method not in names:
+    raise ConfigError(
+        f"config.cluster_detection={cluster_detection!r}: not one of JAX's "
+        f"cluster detection methods ({', '.join(names)}); empty tries each")
+  if not local_device_ids.strip():
+    return method, None
+  parts = [p.strip() for p in local_device_ids.split(",")]
+  if not all(p.isdigit() and p.isascii() for p in parts):
+    raise ConfigError(
+        f"config.local_device_ids={local_device_ids!r}: must be "
+        "non-negative integers separated by commas, e.g. '0,1,2,3'")
+  ids = [int(p) for p in parts]
+  if len(set(ids)) != len(ids):
+    raise ConfigError(f"config.local_device_ids={local_device_ids!r}: "
+                      "lists a device twice")
+  return method, ids
+
+
+def _check_detection_present(method: str) -> None:
+  """Raises ConfigError when JAX's `method` finds no environment: JAX would
+  log it and fail later on a missing coordinator address."""
+  for env in _cluster_types() or []:
+    if env.name == method and not env.is_env_present():
+      needs = _DETECTION_NEEDS.get(method, "its environment")
+      raise ConfigError(f"config.cluster_detection={method!r}: JAX finds no "
+                        f"{method} environment in this process (needs "
+                        f"{needs})")
+
+
 def initialize_distributed(*, enabled: bool, coordinator_address: str = "",
-                           num_processes: int = -1,
-                           process_id: int = -1) -> bool:
+                           num_processes: int = -1, process_id: int = -1,
+                           cluster_detection: str = "",
+                           local_device_ids: str = "") -> bool:
   """Joins the processes of a multi-host run; returns whether it did.
 
   Runs when `enabled`, and always on Cloud TPU (where JAX finds every value
   itself). Each value comes from its argument when set, else from the
   environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID),
-  else from JAX's cluster detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
-  Must run before anything touches a JAX device.
+  else from JAX's cluster detection (Cloud TPU, SLURM, Open MPI 4,
+  Kubernetes; `cluster_detection` names one, e.g. mpi4py, which JAX tries
+  only when named). `local_device_ids` ("0,1,...") are this process's
+  accelerators; empty leaves them to JAX. Must run before anything touches
+  a JAX device.
   """
+  method, device_ids = parse_start_up_keys(cluster_detection,
+                                           local_device_ids)
   if not (enabled or on_cloud_tpu()):
     return False
   import os  # pylint: disable=g-import-not-at-top
@@ -122,11 +198,14 @@ def initialize_distributed(*, enabled: bool, coordinator_address: str = "",
       os.environ.get(ENV_NUM_PROCESSES, -1))
   index = process_id if process_id >= 0 else int(
       os.environ.get(ENV_PROCESS_ID, -1))
+  if method is not None:
+    _check_detection_present(method)
   # Several processes on CPU devices talk through gloo (also how the
   # multi-process code is tested on one machine); no effect on GPU/TPU.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=address,
       num_processes=count if count > 0 else None,
-      process_id=index if index >= 0 else None)
+      process_id=index if index >= 0 else None,
+      local_device_ids=device_ids, cluster_detection_method=method)
   return True
