@@ -163,11 +163,13 @@ def _splits(tmp_path, train: int = 40, test: int = 12):
     (0, 12, "train-images-idx3-ubyte.gz: the train split holds 0 images"),
 ])
 def test_empty_split_names_its_file(tmp_path, train, test, culprit):
+  """Refused as the data loads, before the run (training would fail only at
+  its first evaluation on a 0-image test split)."""
   from mnist_resnet.core.errors import DataError
-  splits = _splits(tmp_path, train, test)
+  from mnist_resnet.data import source
+  _splits(tmp_path, train, test)
   with pytest.raises(DataError) as e:
-    validation.validate_splits(_smoke(data_dir=str(tmp_path), batch_size=8),
-                               splits)
+    source.load(source.IDX, tmp_path, download=False, check_md5=False)
   assert str(e.value) == f"{tmp_path}/{culprit}"
 
 

@@ -29,6 +29,7 @@ from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.core.errors import TrainingError
 from mnist_resnet.data import input_pipeline
 from mnist_resnet.data import mnist
+from mnist_resnet.data import source
 from mnist_resnet.training import program as program_lib
 from mnist_resnet.training import progress
 from mnist_resnet.training import train
@@ -67,8 +68,8 @@ def benchmark_input(config: ml_collections.ConfigDict,
   validation.validate_config(config)
   if wanted <= 0:
     raise ConfigError(f"config.input_images={wanted}: must be positive")
-  train_split = mnist.load_mnist(config.data_dir,
-                                 download=config.download)["train"]
+  train_split = source.load(config.dataset, config.data_dir,
+                            download=config.download).splits["train"]
   validation.validate_batch_fits(config, len(train_split.labels))
   batches = math.ceil(wanted / batch_size)
   if config.input_pipeline == "device":

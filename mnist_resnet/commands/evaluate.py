@@ -1,4 +1,4 @@
-"""Evaluates a trained model on the MNIST test set: numbers and pictures.
+"""Evaluates a trained model on its dataset's test set: numbers and pictures.
 
     python -m mnist_resnet.evaluate --workdir=DIR [--step=latest|best|N] \\
         [--data_dir=DIR] [--download] [--out=DIR]
@@ -20,6 +20,7 @@ from etils import epath
 from mnist_resnet.core import cli
 from mnist_resnet.core.errors import DataError
 from mnist_resnet.data import mnist
+from mnist_resnet.data import source
 from mnist_resnet.training import report as report_lib
 from mnist_resnet.training import trained as trained_lib
 from mnist_resnet.workdir import rundir
@@ -39,12 +40,16 @@ def evaluate(workdir: str, step: str = "latest", *, data_dir: str | None = None,
   if not data_dir:
     raise DataError(f"{Workdir(workdir).config_file} names no data_dir: pass "
                     "--data_dir")
-  paths = mnist.locate_files(data_dir, download=download,
-                             download_hint="pass --data_dir or --download")
+  dataset = config.get("dataset", source.IDX)
+  if dataset == source.IDX:
+    paths = mnist.locate_files(data_dir, download=download,
+                               download_hint="pass --data_dir or --download")
+    _warn_if_not_official({name: paths[name] for name in (
+        mnist.TEST_IMAGES, mnist.TEST_LABELS)})
+  source.check(dataset)
+  test = source.load(dataset, data_dir, download=download, check_md5=False,
+                     test_only=True).splits["test"]
   model = trained_lib.load(workdir, step)
-  test = mnist.load_mnist(data_dir, check_md5=False)["test"]
-  _warn_if_not_official({name: paths[name] for name in (
-      mnist.TEST_IMAGES, mnist.TEST_LABELS)})
   out_dir = (rundir.workdir_path(out) if out
              else Workdir(workdir).eval_dir(model.step))
   return report_lib.report(model, test, out_dir), out_dir
@@ -67,7 +72,8 @@ def _define_flags() -> None:
                       "gs://BUCKET/PATH).")
   flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, "
                       "best (by validation accuracy) or a step number.")
-  flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files "
+  flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files, "
+                      "or TFDS's data_dir for a run on a tfds: dataset "
                       "(default: the run's config.data_dir).")
   flags.DEFINE_bool("download", False, "Fetch missing MNIST files from the "
                     "mirrors first.")

@@ -23,6 +23,7 @@ from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.core.errors import Preempted
 from mnist_resnet.data import mnist
 from mnist_resnet.data import order
+from mnist_resnet.data import source
 from mnist_resnet.data import split
 from mnist_resnet.model import pretrained
 from mnist_resnet.training import goodput
@@ -38,12 +39,16 @@ from mnist_resnet.workdir.workdir import Workdir
 from mnist_resnet.workdir.workdir import config_changes
 
 
-def load_data(config: ml_collections.ConfigDict) -> dict[str, mnist.Split]:
-  splits = split.hold_out_validation(
-      mnist.load_mnist(config.data_dir, download=config.download),
-      config.validation_examples)
+def load_data(config: ml_collections.ConfigDict
+              ) -> tuple[dict[str, mnist.Split], dict[str, Any]]:
+  """The splits the run uses (validation held out of train) and what
+  results.json records of them."""
+  loaded = source.load(config.dataset, config.data_dir,
+                       download=config.download)
+  splits = split.hold_out_validation(loaded.splits,
+                                     config.validation_examples)
   validation.validate_splits(config, splits)
-  return splits
+  return splits, source.record(config.dataset, loaded, splits)
 
 
 def restore_or_init(config: ml_collections.ConfigDict,
@@ -124,11 +129,11 @@ def report_pictures(config: ml_collections.ConfigDict, workdir: Workdir,
 
 
 def final_results(config: ml_collections.ConfigDict, end: loop_lib.LoopEnd,
-                  best: Mapping[str, Any], phases: goodput.Goodput
-                  ) -> dict[str, Any]:
+                  best: Mapping[str, Any], phases: goodput.Goodput,
+                  dataset: Mapping[str, Any]) -> dict[str, Any]:
   """The record written to results.json: the loop's `train_figures` (null
   figures where no checkpoint recorded them), `phases` this invocation's
-  time."""
+  time, `dataset` source.record's."""
   figures = end.figures or {"resumed_from": end.step, "steps_run": 0}
   return {
       "step": end.step,
@@ -149,6 +154,7 @@ def final_results(config: ml_collections.ConfigDict, end: loop_lib.LoopEnd,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
+      "dataset": dict(dataset),
       "time": phases.breakdown(),
       "versions": goodput.versions(),
       "config": config.to_dict(),
@@ -234,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    "test_accuracy=%s); nothing to do", run.results_file,
                    finished["step"], finished.get("test_accuracy"))
       return finished
-    splits = load_data(config)
+    splits, dataset = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
     check_fresh_start(config, program, run)
     with phases.phase("compilation"):
@@ -257,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with phases.phase("report"):
       best = best_results(run, program, data, end)
       report_pictures(config, run, program, end, splits["test"])
-    results = final_results(config, end, best, phases)
+    results = final_results(config, end, best, phases, dataset)
   if jax.process_index() == 0:
     # Last: results.json marks the run done (a kill before it leaves a
     # run that a rerun reports again from its final checkpoint).

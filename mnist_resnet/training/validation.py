@@ -17,6 +17,7 @@ from mnist_resnet.core import files
 from mnist_resnet.core.errors import ConfigError
 from mnist_resnet.data import input_pipeline
 from mnist_resnet.data import mnist
+from mnist_resnet.data import source
 from mnist_resnet.model import preprocess
 from mnist_resnet.model import pretrained
 from mnist_resnet.model import resnet
@@ -94,6 +95,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config[key] not in options:
       _fail(config, key, f"must be one of {', '.join(options)}")
   input_pipeline.check_available(config.input_pipeline)
+  source.check(config.dataset)
   if config.model not in resnet.MODELS:
     _fail(config, "model",
           f"unknown model; known: {', '.join(sorted(resnet.MODELS))}")
@@ -144,10 +146,9 @@ def validate_batch_fits(config: ml_collections.ConfigDict,
 
 def validate_splits(config: ml_collections.ConfigDict,
                     splits: Mapping[str, mnist.Split]) -> None:
-  """The loaded data can be trained and evaluated on: no split is empty (a
-  0-image test split would fail only after training) and the train batch
-  fits in one epoch."""
-  mnist.check_not_empty(splits, config.data_dir)
+  """The loaded data can be trained on: the train batch fits in one epoch
+  (source.load has refused empty splits: a 0-image test split would fail
+  only after training)."""
   validate_batch_fits(config, len(splits["train"].labels))
 
 

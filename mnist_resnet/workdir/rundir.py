@@ -14,14 +14,9 @@ import os
 from typing import Any
 from typing import Mapping
 
-# etils.epath sends gs:// through tf.io.gfile when TensorFlow is importable;
-# that ties the run directory to TensorFlow (absent on accelerator images) and
-# to endpoints only TensorFlow knows. gcsfs serves gs:// for everything else
-# (and STORAGE_EMULATOR_HOST for a local server). Read by epath at each use.
-os.environ.setdefault("EPATH_USE_TF", "false")
-
-from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
-import fsspec.config  # pylint: disable=g-import-not-at-top,wrong-import-position
+# gs:// goes through gcsfs, not tf.io.gfile: mnist_resnet/__init__.py.
+from etils import epath
+import fsspec.config
 
 # gcsfs waits for an answer without end by default: a bucket that stops
 # answering (rather than refusing connections) would hang the run. A limit
