@@ -203,3 +203,27 @@ def test_inspect_data_describes_a_tfds_dataset(tfds_dir):
   assert report["version"] == "3.0.0"
   assert report["splits"]["train"]["examples"] == 96
   assert report["splits"]["test"]["image_shape"] == [28, 28]
+
+
+def test_a_resume_on_another_version_is_refused(tfds_dir, tmp_path):
+  """tfds:NAME without a version reads the newest prepared: a resume after
+  a newer one appeared would train on other data. The checkpoints' record
+  of the data refuses it."""
+  data = tmp_path / "data"
+  digits = pathlib.Path(tfds_dir) / "emnist" / "digits"
+  (data / "emnist" / "digits").mkdir(parents=True)
+  os.symlink(digits / "3.0.0", data / "emnist" / "digits" / "3.0.0")
+  args = (f"--config.data_dir={data}", "--config.dataset=tfds:emnist/digits",
+          "--config.download=false", "--config.batch_size=32",
+          "--config.eval_batch_size=32", "--config.checkpoint_every_steps=2")
+  run_train(tmp_path / "run", *args, "--config.num_train_steps=2")
+  os.symlink(digits / "3.1.0", data / "emnist" / "digits" / "3.1.0")
+  proc = run_train(tmp_path / "run", *args, "--config.num_train_steps=4",
+                   check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path}/run/checkpoints/2 was trained on "
+      "tfds:emnist/digits 3.0.0 (train 96, test 32), this run reads "
+      "tfds:emnist/digits 3.1.0 (train 96, test 32): name the version it "
+      "was trained on (tfds:NAME:VERSION), or use a new workdir")
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]

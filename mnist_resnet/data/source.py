@@ -64,3 +64,12 @@ def record(dataset: str, loaded: Loaded,
   examples in each split the run used (after the held-out split)."""
   return {"name": dataset, "version": loaded.version,
           "examples": {name: len(s.labels) for name, s in splits.items()}}
+
+
+def describe(record: Mapping[str, Any]) -> str:
+  """A `record` in a few words: "tfds:mnist 3.0.1 (train 60000, test
+  10000)"."""
+  version = f" {record.get('version')}" if record.get("version") else ""
+  sizes = ", ".join(f"{k} {v}" for k, v in
+                    dict(record.get("examples") or {}).items())
+  return f"{record.get('name')}{version} ({sizes})"

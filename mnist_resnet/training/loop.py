@@ -35,6 +35,9 @@ from mnist_resnet.workdir.workdir import Workdir
 
 # The final checkpoint's meta key for `train_figures`.
 TRAIN_FIGURES = "train_figures"
+# Every checkpoint's meta key for the data it was trained on
+# (source.record's).
+DATASET = "dataset"
 
 # Called right after each train step is dispatched, metrics still on device.
 StepObserver = Callable[[int, Mapping[str, jax.Array]], None]
@@ -169,10 +172,12 @@ def save_checkpoint(ckpt: checkpoint_lib.Checkpointer,
 
 @dataclasses.dataclass(frozen=True)
 class LoopData:
-  """What the loop reads: the training split, and the evaluators (the test
-  set's first, then the validation split's if held out)."""
+  """What the loop reads: the training split, the evaluators (the test
+  set's first, then the validation split's if held out), and what the data
+  is (source.record's: saved with each checkpoint)."""
   train: mnist.Split
   evaluators: list[evaluator_lib.Evaluator]
+  dataset: Mapping[str, Any]
 
 
 class _Schedule:
@@ -266,7 +271,7 @@ def train_loop(config: ml_collections.ConfigDict,
   clock, timer = open_clock(config, resumed), _Timer(data.evaluators)
 
   def save(step, eval_results, final):
-    extra = {goodput.CLOCK: clock.meta()}
+    extra = {goodput.CLOCK: clock.meta(), DATASET: data.dataset}
     if final:
       extra[TRAIN_FIGURES] = train_figures(log, ckpt, start, step)
     workdir.check_lock()  # Never write over a run that took it over.

@@ -34,6 +34,7 @@ from mnist_resnet.training import report as report_lib
 from mnist_resnet.training import steps
 from mnist_resnet.training import trained
 from mnist_resnet.training import validation
+from mnist_resnet.workdir import checkpoints as checkpoint_lib
 from mnist_resnet.workdir.workdir import ADDED_KEYS
 from mnist_resnet.workdir.workdir import Workdir
 from mnist_resnet.workdir.workdir import config_changes
@@ -89,6 +90,25 @@ def check_fresh_start(config: ml_collections.ConfigDict,
   weights = pretrained.resolve_weights(config.pretrained_weights, config.model)
   pretrained.load_backbone(weights, jax.eval_shape(program.init_variables),
                            config.model)
+
+
+def check_same_data(workdir: Workdir, dataset: Mapping[str, Any]) -> None:
+  """A resumed run reads the data its checkpoints were trained on: the same
+  version and split sizes (tfds:NAME without a version reads the newest one
+  prepared, which may have changed since). Before anything compiles."""
+  ckpt = workdir.checkpointer
+  latest = ckpt.latest_step()
+  if latest is None:
+    return
+  try:
+    saved = ckpt.read_meta(latest).get(loop_lib.DATASET)
+  except checkpoint_lib.DamagedCheckpoint:
+    return  # Set aside by the restore, which tries the one before.
+  if saved is not None and saved != dataset:
+    raise ConfigError(
+        f"{ckpt.directory}/{latest} was trained on {source.describe(saved)}, "
+        f"this run reads {source.describe(dataset)}: name the version it was "
+        "trained on (tfds:NAME:VERSION), or use a new workdir")
 
 
 def best_results(workdir: Workdir, program: program_lib.Program,
@@ -243,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     splits, dataset = load_data(config)
     program = program_lib.build_program(config, len(splits["train"].labels))
     check_fresh_start(config, program, run)
+    check_same_data(run, dataset)
     with phases.phase("compilation"):
       program = program.compiled()  # Out of memory: one line, nothing run.
     state, _ = restore_or_init(config, program, run)
@@ -253,7 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log_start(config, program, len(splits["train"].labels), start)
     data = loop_lib.LoopData(
         train=splits["train"],
-        evaluators=loop_lib.create_evaluators(config, program, splits))
+        evaluators=loop_lib.create_evaluators(config, program, splits),
+        dataset=dataset)
     run.open_metrics(writes=jax.process_index() == 0,
                      total_steps=program.total_steps, start_step=start)
     end = loop_lib.train_loop(config, program, state, data, run, signals,
