@@ -3,9 +3,11 @@ flag errors, and signals passed on to every process."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -66,6 +68,8 @@ def test_first_failure_is_the_exit_code(tmp_path):
     (("--devices_per_process=0",), "error: --devices_per_process=0: must be "
      ">= 1"),
     (("--timeout=0",), "error: --timeout=0.0: must be > 0"),
+    (("--env=pbs",), "error: flag --env=pbs: value should be one of "
+     "<jax|slurm|ompi>"),
     (("--no_such_flag=1",), "error: Unknown command line flag "
      "'no_such_flag'"),
 ])
@@ -139,3 +143,68 @@ def test_signals_reach_every_process_once(tmp_path, signum):
   for i in range(3):
     assert (tmp_path / f"got_{i}").read_text() == f"{int(signum)}\n"
   assert not any(_alive(pid) for pid in pids)
+
+
+# Each process writes the environment it got, named by its pid.
+_DUMP_ENV = """
+    import json, os, pathlib
+    pathlib.Path({directory!r}, f"env_{{os.getpid()}}.json").write_text(
+        json.dumps(dict(os.environ)))
+"""
+
+
+def _detected(monkeypatch, env: dict) -> tuple:
+  """What JAX's cluster detection makes of `env` for the four values
+  jax.distributed.initialize leaves to it."""
+  from jax._src import clusters
+  for name in list(os.environ):
+    monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, None, None, 300)
+
+
+@pytest.mark.parametrize("kind", ["jax", "slurm", "ompi"])
+def test_each_process_gets_one_launchers_start_up_variables(
+    tmp_path, monkeypatch, kind):
+  """SLURM and Open MPI: JAX's detection finds the same coordinator in
+  every process, on a port free when they start, the process count, a
+  distinct id and the local device of one task per device; no JAX_* start-up
+  variable. Those inherited from the launcher's environment are dropped."""
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "elsewhere:1")
+  monkeypatch.setenv("JAX_PROCESS_ID", "9")
+  monkeypatch.setenv("SLURM_JOB_ID", "1")
+  monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1.0;tcp://10.0.0.1:1")
+  code, _, err = _launch("--num_processes=2", f"--env={kind}", *_python(
+      _DUMP_ENV.format(directory=str(tmp_path))))
+  assert code == 0, err
+  envs = [json.loads(p.read_text()) for p in tmp_path.glob("env_*.json")]
+  assert len(envs) == 2
+  if kind == "jax":
+    assert not any(k.startswith(("SLURM_", "OMPI_")) for e in envs for k in e)
+    assert sorted(e["JAX_PROCESS_ID"] for e in envs) == ["0", "1"]
+    assert envs[0]["JAX_COORDINATOR_ADDRESS"] == envs[1][
+        "JAX_COORDINATOR_ADDRESS"] != "elsewhere:1"
+    return
+  for env in envs:
+    assert not [k for k in env if k.startswith("JAX_") and k not in (
+        "JAX_PLATFORMS",)], env
+    assert not any(k.startswith("SLURM_" if kind == "ompi" else "OMPI_")
+                   for k in env)
+  detected = sorted((_detected(monkeypatch, e) for e in envs),
+                    key=lambda d: d[2])
+  host = "localhost" if kind == "slurm" else "127.0.0.1"
+  address = detected[0][0]
+  assert [d[1:] for d in detected] == [(2, 0, [0]), (2, 1, [1])]
+  assert detected[1][0] == address and address.startswith(host + ":")
+  port = int(address.rsplit(":", 1)[1])
+  assert port in launch.DERIVED_PORTS
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", port))  # Nothing took it since.
+  # The port JAX derives is the one the launcher found free.
+  variables = {"slurm": launch.slurm_variables,
+               "ompi": launch.ompi_variables}[kind]
+  for port in (61440, 63001, 65535):
+    assert _detected(monkeypatch, variables(1, 2, port)) == (
+        f"{host}:{port}", 2, 1, [1])
