@@ -95,6 +95,12 @@ def test_tfds_mnist_in_the_idx_order_trains_the_idx_run(tfds_dir, mnist_dir,
       "examples": {"train": 60_000, "test": 10_000}}
   saved = json.loads((tmp_path / "tfds" / "config.json").read_text())
   assert saved["dataset"] == "tfds:mnist"
+  # The evaluation tool follows the run's dataset to the same test split.
+  from mnist_resnet.commands import evaluate  # pylint: disable=g-import-not-at-top
+  report, _ = evaluate.evaluate(os.fspath(tmp_path / "tfds"),
+                                out=os.fspath(tmp_path / "eval"))
+  assert report.record["accuracy"] == from_tfds["test_accuracy"]
+  assert report.record["eval_examples"] == 10_000
 
 
 def test_a_name_with_a_config_and_versions(tfds_dir):
