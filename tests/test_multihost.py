@@ -26,8 +26,10 @@ from conftest import REPO_ROOT
 
 
 def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
-           wait=True):
-  """Runs train.py as `num_processes` processes through the launcher.
+           wait=True, env="jax"):
+  """Runs train.py as `num_processes` processes through the launcher, which
+  gives them JAX's start-up variables, or only those of srun or mpirun
+  (`env`).
 
   The timeout is generous: on a loaded 2-core machine the fixture's 20-step
   two-process run has taken over 170 s.
@@ -35,7 +37,7 @@ def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
   cmd = [sys.executable, str(REPO_ROOT / "tools" / "launch.py"),
          f"--num_processes={num_processes}",
          f"--devices_per_process={devices}", f"--timeout={timeout}",
-         f"--logs={workdir}/logs", "--",
+         f"--logs={workdir}/logs", f"--env={env}", "--",
          sys.executable, str(REPO_ROOT / "train.py"), f"--config={SMOKE}",
          f"--workdir={workdir}", "--config.distributed=true", CACHE_FLAG,
          *args]
@@ -47,16 +49,26 @@ def launch(workdir, *args, num_processes=2, devices=2, timeout=400,
   return proc
 
 
+# parallel.initialize_distributed's line when JAX's cluster detection finds
+# every start-up value.
+DETECTED = ("jax.distributed.initialize: coordinator address from JAX's "
+            "cluster detection, process count from JAX's cluster detection, "
+            "process id from JAX's cluster detection")
+
+
 def process_log(workdir, i) -> str:
   return (pathlib.Path(workdir) / "logs" / f"process_{i}.log").read_text()
 
 
 @pytest.fixture(scope="module")
 def runs(mnist_dir, tmp_path_factory):
-  """The same 20 steps as 2 processes x 2 devices and 1 process x 4."""
+  """The same 20 steps as 2 processes x 2 devices and 1 process x 4. The two
+  processes see only what srun sets for a 2-task step on one node (no JAX_*
+  variable, no start-up key): JAX's SLURM detection starts them. The other
+  two-process runs here get JAX's variables from the launcher."""
   base = tmp_path_factory.mktemp("multihost")
   data = f"--config.data_dir={mnist_dir}"
-  proc = launch(base / "two", data, *ARGS)
+  proc = launch(base / "two", data, *ARGS, env="slurm")
   assert proc.returncode == 0, process_log(base / "two", 0)[-3000:]
   run_train(base / "one", data, *ARGS, devices=4)
   return base
@@ -91,7 +103,25 @@ def test_two_processes_match_one(runs, mnist_dir):
   assert [m["step"] for m in logged if "test_accuracy" in m] == [20]
   assert "[process 0/2]" in process_log(runs / "two", 0)
   assert "[process 1/2]" in process_log(runs / "two", 1)
+  for i in (0, 1):  # Started by SLURM's variables alone.
+    assert DETECTED in process_log(runs / "two", i)
   assert len(list((runs / "two").glob("events.out.tfevents*"))) == 1
+
+
+@pytest.mark.slow
+def test_open_mpi_environment_trains_the_same_run(runs, mnist_dir):
+  """Only what Open MPI 4's mpirun sets (OMPI_MCA_orte_hnp_uri and the rank
+  variables): JAX's Open MPI detection starts the same run, bit for bit, as
+  the SLURM-started one, which matches the one-process run."""
+  proc = launch(runs / "ompi", f"--config.data_dir={mnist_dir}", *ARGS,
+                env="ompi")
+  assert proc.returncode == 0, process_log(runs / "ompi", 0)[-3000:]
+  ompi, slurm = results(runs / "ompi"), results(runs / "two")
+  assert (ompi["processes"], ompi["devices"]) == (2, 4)
+  assert ompi["params_sha256"] == slurm["params_sha256"]
+  assert_same_training(runs / "one", runs / "ompi", mnist_dir)
+  for i in (0, 1):
+    assert DETECTED in process_log(runs / "ompi", i)
 
 
 def _resume_from_10(src, dst):

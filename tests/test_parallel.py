@@ -83,22 +83,30 @@ def test_environment_used_when_arguments_unset(recorded, monkeypatch):
       "process_id": 5, **UNSET}
 
 
-def test_each_value_resolved_on_its_own(recorded, monkeypatch):
+def test_each_value_resolved_on_its_own(recorded, monkeypatch, caplog):
   """Argument for one key, environment for another, detection for the
   third."""
+  caplog.set_level("INFO")
   monkeypatch.setenv(parallel.ENV_NUM_PROCESSES, "6")
   parallel.initialize_distributed(enabled=True,
                                   coordinator_address="arg-host:2222")
   assert initialized_with(recorded) == {
       "coordinator_address": "arg-host:2222", "num_processes": 6,
       "process_id": None, **UNSET}
+  assert ("coordinator address arg-host:2222, process count 6, process id "
+          "from JAX's cluster detection") in caplog.text
 
 
-def test_neither_leaves_values_to_jax_detection(recorded):
+def test_neither_leaves_values_to_jax_detection(recorded, caplog):
+  caplog.set_level("INFO")
   assert parallel.initialize_distributed(enabled=True)
   assert initialized_with(recorded) == {
       "coordinator_address": None, "num_processes": None, "process_id": None,
       **UNSET}
+  # Said in the log: the first thing to know when processes do not meet.
+  assert ("coordinator address from JAX's cluster detection, process count "
+          "from JAX's cluster detection, process id from JAX's cluster "
+          "detection") in caplog.text
 
 
 def test_disabled_off_cloud_tpu_does_nothing(recorded, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 from typing import Mapping
 
+from absl import logging
 import jax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -200,6 +201,14 @@ def initialize_distributed(*, enabled: bool, coordinator_address: str = "",
       os.environ.get(ENV_PROCESS_ID, -1))
   if method is not None:
     _check_detection_present(method)
+  # Which values JAX is left to detect: the first thing to know when a
+  # cluster's processes do not find each other.
+  detected = "from JAX's cluster detection" + (f" ({method})" if method
+                                                else "")
+  logging.info(
+      "jax.distributed.initialize: coordinator address %s, process count "
+      "%s, process id %s", address or detected,
+      count if count > 0 else detected, index if index >= 0 else detected)
   # Several processes on CPU devices talk through gloo (also how the
   # multi-process code is tested on one machine); no effect on GPU/TPU.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
