@@ -18,15 +18,18 @@ from test_train import logged_steps
 from test_train import results
 from test_train import run_train
 
+from conftest import CACHE_FLAG
 from conftest import REPO_ROOT
 from mnist_resnet.workdir import runlock
 
 PREEMPTED = 75
 INTERRUPTED = 130
-STEPS = 200
-ARGS = ("--config.num_train_steps=200", "--config.checkpoint_every_steps=40",
-        "--config.eval_every_steps=0", "--config.log_every_steps=20",
-        "--config.max_checkpoints_to_keep=10")
+# A signal sent once step 10 is logged still finds the run 90 steps (seconds
+# of training) from its end, as in test_gcs's 120 steps logged every 5.
+STEPS = 100
+ARGS = (f"--config.num_train_steps={STEPS}",
+        "--config.checkpoint_every_steps=40", "--config.eval_every_steps=0",
+        "--config.log_every_steps=10", "--config.max_checkpoints_to_keep=10")
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +92,10 @@ def test_signal_saves_current_step_and_resumes_exactly(
   75 or 130, and the rerun ends where an uninterrupted run ends."""
   workdir = tmp_path / "run"
   args = (f"--config.data_dir={mnist_dir}", *NO_PERIODIC_SAVE_ARGS)
-  proc = start_train(workdir, *args)
+  # The shared compilation cache: the signal comes after the compilation.
+  proc = start_train(workdir, *args, CACHE_FLAG)
   # Deterministic trigger: the loop is running once it has logged its first
-  # step (20 of 200).
+  # step (10 of 100).
   wait_for(lambda: logged_steps(workdir), proc)
   seen = max(logged_steps(workdir))
   sent = time.time()
@@ -229,7 +233,8 @@ def test_sigkill_during_async_save_resumes_from_previous(
   and ends where an uninterrupted run ends."""
   for attempt in range(5):
     workdir = tmp_path / f"run{attempt}"
-    proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+    proc = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
+                       CACHE_FLAG)
     complete = []
 
     def saving():
@@ -320,7 +325,10 @@ def test_second_run_on_a_live_workdir_is_refused(mnist_dir, tmp_path):
   """Two train.py on one workdir: the second stops at start with one line
   naming the first (before reading data), and the first finishes unharmed."""
   workdir = tmp_path / "run"
-  first = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
+  # 200 steps: the first is still training when the second, started after
+  # its first log, has imported what it needs to look at the lock.
+  first = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
+                      "--config.num_train_steps=200", CACHE_FLAG)
   try:
     wait_for(lambda: logged_steps(workdir), first)
     second = run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
