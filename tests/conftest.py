@@ -48,7 +48,7 @@ def _has_mnist(directory: pathlib.Path) -> bool:
 # run alone at the end; a stale list costs balance, never correctness.
 SLOWEST_FILES = ("test_train.py", "test_preemption.py", "test_multihost.py",
                  "test_gcs.py", "test_benchmark.py", "test_run_record.py",
-                 "test_goodput.py")
+                 "test_goodput.py", "test_tfds.py")
 
 
 def pytest_collection_modifyitems(items):
