@@ -304,40 +304,6 @@ def test_tf_data_pipeline_without_tensorflow_is_one_line_exit_2(mnist_dir,
   assert "Traceback" not in proc.stderr
 
 
-def test_rerun_of_finished_run_changes_nothing(mnist_dir, tmp_path):
-  """A scheduler's retry of a finished job: the results stay as they were
-  (bytes and all), exit 0. Without results.json (killed after the last
-  save, during the end-of-run report) the last checkpoint is evaluated and
-  the results written again, strict JSON, with the training figures the
-  final checkpoint's meta kept."""
-  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=30",
-          "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
-          "--config.max_checkpoints_to_keep=3")
-  run_train(tmp_path, *args)
-  path = tmp_path / "results.json"
-  written, mtime = path.read_bytes(), path.stat().st_mtime_ns
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps == [20, 25, 30]
-  proc = run_train(tmp_path, *args)
-  assert "already holds this run's results" in proc.stderr
-  assert path.read_bytes() == written and path.stat().st_mtime_ns == mtime
-  first = json.loads(written)
-
-  path.unlink()
-  run_train(tmp_path, *args)
-  text = path.read_text()
-  again = json.loads(text, parse_constant=lambda c: pytest.fail(c))
-  for key in ("final_train_loss", "train_seconds", "images_per_sec",
-              "steps_run", "resumed_from", "checkpoint_blocking_seconds",
-              "checkpoints_saved", "params_sha256", "test_accuracy"):
-    assert again[key] == first[key], key
-  assert first["steps_run"] == 30 and first["resumed_from"] is None
-  assert first["final_train_loss"] > 0 and first["images_per_sec"] > 0
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                if p.name.isdigit()) == [20, 25, 30]
-
-
 # A run whose best checkpoint is not its last: Adam's learning rate rises to
 # the last step (warmup past the end) until it wrecks the model, and
 # BatchNorm keeps the last batch's statistics (bn_momentum=0) so that each
