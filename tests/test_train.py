@@ -150,9 +150,31 @@ def test_accuracy_guard(mnist_dir, tmp_path):
   assert steps == saved
 
 
+# The ResNet50 runs' test split: their end-of-run evaluation of 10,000
+# images takes 15 s on a 2-core CPU, and the tiny runs check that code.
+SHORT_TEST_SPLIT = 1000
+
+
+@pytest.fixture(scope="module")
+def short_test_mnist(mnist_dir, tmp_path_factory) -> pathlib.Path:
+  """MNIST's training files and its first SHORT_TEST_SPLIT test images."""
+  from mnist_resnet.data import idx
+  from mnist_resnet.data import mnist
+  out = tmp_path_factory.mktemp("short_test_mnist")
+  for name in (mnist.TRAIN_IMAGES, mnist.TRAIN_LABELS):
+    for source in (mnist_dir / name, mnist_dir / (name + ".gz")):
+      if source.exists():
+        (out / source.name).symlink_to(source)
+  test = mnist.load_mnist(mnist_dir, check_md5=False)["test"]
+  idx.write_idx(out / mnist.TEST_IMAGES, test.images[:SHORT_TEST_SPLIT])
+  idx.write_idx(out / mnist.TEST_LABELS,
+                test.labels[:SHORT_TEST_SPLIT].astype(np.uint8))
+  return out
+
+
 @pytest.mark.slow
-def test_resnet50_from_scratch_loss_falls(mnist_dir, tmp_path):
-  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+def test_resnet50_from_scratch_loss_falls(short_test_mnist, tmp_path):
+  run_train(tmp_path, f"--config.data_dir={short_test_mnist}",
             "--config.batch_size=32", "--config.num_train_steps=40",
             "--config.warmup_steps=5", "--config.log_every_steps=1",
             "--config.eval_batch_size=2000", "--config.eval_every_steps=0",
@@ -580,8 +602,8 @@ def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
 
 
 @pytest.mark.slow
-def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
-                                                     tmp_path):
+def test_default_config_fine_tunes_from_a_keras_file(short_test_mnist,
+                                                     keras_weights, tmp_path):
   """Three steps of the main job from a Keras file: the whole network
   trains (backbone and head move) and the BatchNorm statistics follow
   MNIST's."""
@@ -590,14 +612,15 @@ def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
   args = (f"--config.pretrained_weights={path}", "--config.batch_size=32",
           "--config.num_train_steps=3", "--config.log_every_steps=1",
           "--config.eval_batch_size=2000")
-  run_train(tmp_path, f"--config.data_dir={mnist_dir}", *args,
+  run_train(tmp_path, f"--config.data_dir={short_test_mnist}", *args,
             config=str(REPO_ROOT / "configs" / "default.py"))
   r = results(tmp_path)
-  assert r["config"]["init"] == "imagenet" and r["eval_examples"] == 10000
+  assert r["config"]["init"] == "imagenet"
+  assert r["eval_examples"] == SHORT_TEST_SPLIT  # Every test image.
   losses = [m["train_loss"] for m in metrics(tmp_path) if "train_loss" in m]
   assert len(losses) == 3 and np.all(np.isfinite(losses))
 
-  config = _default_config(path, mnist_dir)
+  config = _default_config(path, short_test_mnist)
   config.batch_size, config.num_train_steps = 32, 3
   from mnist_resnet.training import program as program_lib
   program = program_lib.build_program(config, 60000)
