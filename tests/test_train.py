@@ -582,11 +582,14 @@ def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
   kernel = keras_values["conv1_conv/kernel"]
   moving_var = keras_values["conv5_block3_3_bn/moving_variance"]
 
+  # One program for both files (the weights are initial_state's argument):
+  # ResNet50's initialisation compiles once.
+  program = program_lib.build_program(_default_config(path), 60000)
+
   def check(config):
     weights = pretrained.resolve_weights(config.pretrained_weights,
                                          config.model)
-    state = jax.device_get(
-        program_lib.build_program(config, 60000).initial_state(weights))
+    state = jax.device_get(program.initial_state(weights))
     backbone = state.params["backbone"]
     np.testing.assert_array_equal(backbone["conv1_conv"]["kernel"], kernel)
     np.testing.assert_array_equal(
