@@ -27,9 +27,18 @@ MNIST_FILES = (
 
 # One XLA compilation cache per test process (each pytest-xdist worker is
 # one), given to the train.py runs that do not test the cache or signals
-# during compilation: the same small programs compile once per worker.
+# during compilation, and to the tests' own compilations (a test that builds
+# the program a run built, to restore its checkpoints or compare its initial
+# state, loads it): the same small programs compile once per worker.
 COMPILE_CACHE = pathlib.Path(tempfile.mkdtemp(prefix="mnist_resnet_xla_"))
 CACHE_FLAG = f"--config.compilation_cache_dir={COMPILE_CACHE}"
+
+
+def pytest_configure(config):  # pylint: disable=unused-argument
+  # Before anything compiles: JAX decides once per process whether it uses a
+  # cache.
+  from mnist_resnet.training import compile_cache
+  compile_cache.enable(str(COMPILE_CACHE))
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
