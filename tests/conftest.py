@@ -6,7 +6,6 @@ $MNIST_REQUIRED=1 (as in CI), where a missing dataset fails them: a run that
 skips the training, resume and benchmark tests must not pass.
 """
 
-import fcntl
 import itertools
 import os
 import pathlib
@@ -26,30 +25,15 @@ MNIST_FILES = (
 )
 
 
-# One XLA compilation cache per test session, given to the train.py runs
-# that do not test the cache or signals during compilation, and to the
-# tests' own compilations (a test that builds the program a run built, to
-# restore its checkpoints or compare its initial state, loads it): the same
-# small programs compile once. The first process (pytest, or pytest-xdist's
-# controller) makes it; its workers find it in the environment.
-_CACHE_ENV = "MNIST_RESNET_TEST_XLA_CACHE"
-_MADE_CACHE = _CACHE_ENV not in os.environ
-if _MADE_CACHE:
-  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mnist_resnet_xla_")
-COMPILE_CACHE = pathlib.Path(os.environ[_CACHE_ENV])
+# One XLA compilation cache per test process (each pytest-xdist worker is
+# one), given to the train.py runs that do not test the cache or signals
+# during compilation: the same small programs compile once per worker.
+COMPILE_CACHE = pathlib.Path(tempfile.mkdtemp(prefix="mnist_resnet_xla_"))
 CACHE_FLAG = f"--config.compilation_cache_dir={COMPILE_CACHE}"
 
 
-def pytest_configure(config):  # pylint: disable=unused-argument
-  # Before anything compiles: JAX decides once per process whether it uses a
-  # cache.
-  from mnist_resnet.training import compile_cache
-  compile_cache.enable(str(COMPILE_CACHE))
-
-
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  if _MADE_CACHE:  # Not a worker's: the others may still be running.
-    shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+  shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 def _has_mnist(directory: pathlib.Path) -> bool:
@@ -120,31 +104,15 @@ def gcs_bucket(gcs_server) -> str:
 
 @pytest.fixture(scope="session")
 def trained_workdir(mnist_dir, tmp_path_factory) -> pathlib.Path:
-  """A tiny model's run, shared by the after-training tools' tests (they
-  only read it).
+  """A tiny model's run, shared by the after-training tools' tests.
 
   The smoke config for 60 steps (test accuracy about 0.76) with a held-out
   validation split, so the workdir has a best checkpoint as well as the
   latest (steps 20, 40, 60, each evaluated), and every file a run writes.
-  Trained once per session: a pytest-xdist worker that needs it while
-  another trains it waits on a file lock, then reads that one's.
   """
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    shared = shared.parent  # The session's, above each worker's own.
-  workdir = shared / "trained" / "run"
-  with open(shared / "trained.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (workdir / "results.json").exists():  # Written last.
-      shutil.rmtree(workdir, ignore_errors=True)  # A failed earlier try.
-      workdir.parent.mkdir(exist_ok=True)
-      _train_tiny_model(workdir, mnist_dir)
-  return workdir
-
-
-def _train_tiny_model(workdir: pathlib.Path, mnist_dir: pathlib.Path) -> None:
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("trained") / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   cmd = [sys.executable, str(REPO_ROOT / "train.py"),
@@ -159,3 +127,4 @@ def _train_tiny_model(workdir: pathlib.Path, mnist_dir: pathlib.Path) -> None:
   if proc.returncode != 0:
     pytest.fail(f"training the shared tiny model failed "
                 f"({proc.returncode}):\n{proc.stderr[-3000:]}", pytrace=False)
+  return workdir

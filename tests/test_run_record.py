@@ -1,7 +1,6 @@
-"""The run's own record on disk decides, through train.py: a finished run
-run again, a missing or damaged config.json, a damaged results.json, a
-signal during the end-of-run report, a workdir that disappears during a
-save."""
+"""The run's own record on disk decides, through train.py: a missing or
+damaged config.json, a damaged results.json, a signal during the end-of-run
+report, a workdir that disappears during a save."""
 
 from __future__ import annotations
 
@@ -46,34 +45,6 @@ def one_line_error(proc) -> str:
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: "), proc.stderr[-3000:]
   return last
-
-
-def test_rerun_of_finished_run_changes_nothing(finished, mnist_dir,
-                                               tmp_path):
-  """A scheduler's retry of a finished job: the results stay as they were
-  (bytes and all), exit 0. Without results.json (killed after the last
-  save, during the end-of-run report) the last checkpoint is evaluated and
-  the results written again, strict JSON, with the training figures the
-  final checkpoint's meta kept."""
-  workdir = copy_of(finished, tmp_path)
-  path = workdir / "results.json"
-  written, mtime = path.read_bytes(), path.stat().st_mtime_ns
-  proc = run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
-  assert "already holds this run's results" in proc.stderr
-  assert path.read_bytes() == written and path.stat().st_mtime_ns == mtime
-  first = json.loads(written)
-
-  path.unlink()
-  run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS)
-  text = path.read_text()
-  again = json.loads(text, parse_constant=lambda c: pytest.fail(c))
-  for key in ("final_train_loss", "train_seconds", "images_per_sec",
-              "steps_run", "resumed_from", "checkpoint_blocking_seconds",
-              "checkpoints_saved", "params_sha256", "test_accuracy"):
-    assert again[key] == first[key], key
-  assert first["steps_run"] == 30 and first["resumed_from"] is None
-  assert first["final_train_loss"] > 0 and first["images_per_sec"] > 0
-  assert checkpoint_steps(workdir) == [10, 20, 30]
 
 
 def test_without_config_json_a_changed_config_is_refused(

@@ -150,31 +150,9 @@ def test_accuracy_guard(mnist_dir, tmp_path):
   assert steps == saved
 
 
-# The ResNet50 runs' test split: their end-of-run evaluation of 10,000
-# images takes 15 s on a 2-core CPU, and the tiny runs check that code.
-SHORT_TEST_SPLIT = 1000
-
-
-@pytest.fixture(scope="module")
-def short_test_mnist(mnist_dir, tmp_path_factory) -> pathlib.Path:
-  """MNIST's training files and its first SHORT_TEST_SPLIT test images."""
-  from mnist_resnet.data import idx
-  from mnist_resnet.data import mnist
-  out = tmp_path_factory.mktemp("short_test_mnist")
-  for name in (mnist.TRAIN_IMAGES, mnist.TRAIN_LABELS):
-    for source in (mnist_dir / name, mnist_dir / (name + ".gz")):
-      if source.exists():
-        (out / source.name).symlink_to(source)
-  test = mnist.load_mnist(mnist_dir, check_md5=False)["test"]
-  idx.write_idx(out / mnist.TEST_IMAGES, test.images[:SHORT_TEST_SPLIT])
-  idx.write_idx(out / mnist.TEST_LABELS,
-                test.labels[:SHORT_TEST_SPLIT].astype(np.uint8))
-  return out
-
-
 @pytest.mark.slow
-def test_resnet50_from_scratch_loss_falls(short_test_mnist, tmp_path):
-  run_train(tmp_path, f"--config.data_dir={short_test_mnist}",
+def test_resnet50_from_scratch_loss_falls(mnist_dir, tmp_path):
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
             "--config.batch_size=32", "--config.num_train_steps=40",
             "--config.warmup_steps=5", "--config.log_every_steps=1",
             "--config.eval_batch_size=2000", "--config.eval_every_steps=0",
@@ -259,20 +237,13 @@ def assert_same_training(workdir_a, workdir_b, mnist_dir):
       np.linalg.norm(deltas[1] - deltas[0]), 1e-2 * np.linalg.norm(deltas[0]))
 
 
-# On 8 CPU devices a save is slow (orbax copies each replicated array out in
-# slices, compiling a slice program per shape, and the copy slows the steps
-# after it): the tf.data 8-device run saves only its final state, the one the
-# comparisons restore (58 -> 41 s).
-FINAL_SAVE_ONLY = ("--config.checkpoint_every_steps=100000",)
-
-
 @pytest.fixture(scope="module")
 def tfdata_runs(mnist_dir, tmp_path_factory):
   """EQUIVALENCE_ARGS through tf.data, on 1 and on 8 devices."""
   base = tmp_path_factory.mktemp("tfdata_runs")
   args = (f"--config.data_dir={mnist_dir}", *EQUIVALENCE_ARGS)
   run_train(base / "one", *args, devices=1)
-  run_train(base / "eight", *args, *FINAL_SAVE_ONLY, devices=8)
+  run_train(base / "eight", *args, devices=8)
   return base
 
 
@@ -333,6 +304,40 @@ def test_tf_data_pipeline_without_tensorflow_is_one_line_exit_2(mnist_dir,
   assert "Traceback" not in proc.stderr
 
 
+def test_rerun_of_finished_run_changes_nothing(mnist_dir, tmp_path):
+  """A scheduler's retry of a finished job: the results stay as they were
+  (bytes and all), exit 0. Without results.json (killed after the last
+  save, during the end-of-run report) the last checkpoint is evaluated and
+  the results written again, strict JSON, with the training figures the
+  final checkpoint's meta kept."""
+  args = (f"--config.data_dir={mnist_dir}", "--config.num_train_steps=30",
+          "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
+          "--config.max_checkpoints_to_keep=3")
+  run_train(tmp_path, *args)
+  path = tmp_path / "results.json"
+  written, mtime = path.read_bytes(), path.stat().st_mtime_ns
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [20, 25, 30]
+  proc = run_train(tmp_path, *args)
+  assert "already holds this run's results" in proc.stderr
+  assert path.read_bytes() == written and path.stat().st_mtime_ns == mtime
+  first = json.loads(written)
+
+  path.unlink()
+  run_train(tmp_path, *args)
+  text = path.read_text()
+  again = json.loads(text, parse_constant=lambda c: pytest.fail(c))
+  for key in ("final_train_loss", "train_seconds", "images_per_sec",
+              "steps_run", "resumed_from", "checkpoint_blocking_seconds",
+              "checkpoints_saved", "params_sha256", "test_accuracy"):
+    assert again[key] == first[key], key
+  assert first["steps_run"] == 30 and first["resumed_from"] is None
+  assert first["final_train_loss"] > 0 and first["images_per_sec"] > 0
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [20, 25, 30]
+
+
 # A run whose best checkpoint is not its last: Adam's learning rate rises to
 # the last step (warmup past the end) until it wrecks the model, and
 # BatchNorm keeps the last batch's statistics (bn_momentum=0) so that each
@@ -351,13 +356,10 @@ BEST_ARGS = ("--config.eval_every_steps=20",
 
 @pytest.fixture(scope="module")
 def best_run(mnist_dir, tmp_path_factory) -> pathlib.Path:
-  """The run above, 60 steps, with a profile of steps 11-13 (a run of its
-  own for the profile costs a train.py start and a compile); tests that
-  write copy it (copy_run)."""
+  """The run above, 60 steps; tests that write copy it (copy_run)."""
   workdir = tmp_path_factory.mktemp("best") / "run"
   run_train(workdir, f"--config.data_dir={mnist_dir}",
-            "--config.num_train_steps=60", *BEST_ARGS,
-            "--config.profile_steps=3")
+            "--config.num_train_steps=60", *BEST_ARGS)
   return workdir
 
 
@@ -582,14 +584,11 @@ def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
   kernel = keras_values["conv1_conv/kernel"]
   moving_var = keras_values["conv5_block3_3_bn/moving_variance"]
 
-  # One program for both files (the weights are initial_state's argument):
-  # ResNet50's initialisation compiles once.
-  program = program_lib.build_program(_default_config(path), 60000)
-
   def check(config):
     weights = pretrained.resolve_weights(config.pretrained_weights,
                                          config.model)
-    state = jax.device_get(program.initial_state(weights))
+    state = jax.device_get(
+        program_lib.build_program(config, 60000).initial_state(weights))
     backbone = state.params["backbone"]
     np.testing.assert_array_equal(backbone["conv1_conv"]["kernel"], kernel)
     np.testing.assert_array_equal(
@@ -605,8 +604,8 @@ def test_imagenet_init_takes_the_backbone_from_keras_weights(keras_weights,
 
 
 @pytest.mark.slow
-def test_default_config_fine_tunes_from_a_keras_file(short_test_mnist,
-                                                     keras_weights, tmp_path):
+def test_default_config_fine_tunes_from_a_keras_file(mnist_dir, keras_weights,
+                                                     tmp_path):
   """Three steps of the main job from a Keras file: the whole network
   trains (backbone and head move) and the BatchNorm statistics follow
   MNIST's."""
@@ -615,15 +614,14 @@ def test_default_config_fine_tunes_from_a_keras_file(short_test_mnist,
   args = (f"--config.pretrained_weights={path}", "--config.batch_size=32",
           "--config.num_train_steps=3", "--config.log_every_steps=1",
           "--config.eval_batch_size=2000")
-  run_train(tmp_path, f"--config.data_dir={short_test_mnist}", *args,
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}", *args,
             config=str(REPO_ROOT / "configs" / "default.py"))
   r = results(tmp_path)
-  assert r["config"]["init"] == "imagenet"
-  assert r["eval_examples"] == SHORT_TEST_SPLIT  # Every test image.
+  assert r["config"]["init"] == "imagenet" and r["eval_examples"] == 10000
   losses = [m["train_loss"] for m in metrics(tmp_path) if "train_loss" in m]
   assert len(losses) == 3 and np.all(np.isfinite(losses))
 
-  config = _default_config(path, short_test_mnist)
+  config = _default_config(path, mnist_dir)
   config.batch_size, config.num_train_steps = 32, 3
   from mnist_resnet.training import program as program_lib
   program = program_lib.build_program(config, 60000)
@@ -692,9 +690,12 @@ def test_imagenet_weights_unavailable_is_one_line_exit_2(mnist_dir, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_profile_steps_writes_a_trace(best_run):
-  traces = list((best_run / "profile").rglob("*.xplane.pb"))
-  assert traces, list((best_run / "profile").rglob("*"))
+def test_profile_steps_writes_a_trace_in_a_short_run(mnist_dir, tmp_path):
+  run_train(tmp_path, f"--config.data_dir={mnist_dir}",
+            "--config.num_train_steps=6", "--config.profile_steps=3",
+            "--config.eval_every_steps=0", "--config.eval_batch_size=2000")
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert traces, list((tmp_path / "profile").rglob("*"))
 
 
 def tiny_config(**overrides):
