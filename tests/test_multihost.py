@@ -108,22 +108,6 @@ def test_two_processes_match_one(runs, mnist_dir):
   assert len(list((runs / "two").glob("events.out.tfevents*"))) == 1
 
 
-@pytest.mark.slow
-def test_open_mpi_environment_trains_the_same_run(runs, mnist_dir):
-  """Only what Open MPI 4's mpirun sets (OMPI_MCA_orte_hnp_uri and the rank
-  variables): JAX's Open MPI detection starts the same run, bit for bit, as
-  the SLURM-started one, which matches the one-process run."""
-  proc = launch(runs / "ompi", f"--config.data_dir={mnist_dir}", *ARGS,
-                env="ompi")
-  assert proc.returncode == 0, process_log(runs / "ompi", 0)[-3000:]
-  ompi, slurm = results(runs / "ompi"), results(runs / "two")
-  assert (ompi["processes"], ompi["devices"]) == (2, 4)
-  assert ompi["params_sha256"] == slurm["params_sha256"]
-  assert_same_training(runs / "one", runs / "ompi", mnist_dir)
-  for i in (0, 1):
-    assert DETECTED in process_log(runs / "ompi", i)
-
-
 def _resume_from_10(src, dst):
   """`src` as it was when its step-10 checkpoint was the latest: checkpoint
   20, results.json and the metrics of steps 11-20 removed."""
