@@ -325,10 +325,13 @@ def test_second_run_on_a_live_workdir_is_refused(mnist_dir, tmp_path):
   """Two train.py on one workdir: the second stops at start with one line
   naming the first (before reading data), and the first finishes unharmed."""
   workdir = tmp_path / "run"
-  # 200 steps: the first is still training when the second, started after
-  # its first log, has imported what it needs to look at the lock.
+  # Logged from step 1 and saved every 5 steps: when the second starts, 99
+  # steps with their saves, an evaluation and a report (12.5 s here) remain,
+  # and the second stops at the lock within 3 s. (ARGS's step count: its
+  # train step is compiled already.)
   first = start_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
-                      "--config.num_train_steps=200", CACHE_FLAG)
+                      "--config.log_every_steps=1",
+                      "--config.checkpoint_every_steps=5", CACHE_FLAG)
   try:
     wait_for(lambda: logged_steps(workdir), first)
     second = run_train(workdir, f"--config.data_dir={mnist_dir}", *ARGS,
