@@ -37,10 +37,11 @@ from mnist_resnet.workdir import runlock
 from tests import gcs_emulator
 
 PREEMPTED = 75
-STEPS = 120
+STEPS = 100
 # Evaluation at the end only, and no periodic checkpoint: the preempted run's
-# only checkpoint is the preemption's. 120 tiny steps take several seconds,
-# time enough to send SIGTERM after the first logged step and before the end.
+# only checkpoint is the preemption's. 100 tiny steps take several seconds,
+# time enough to send SIGTERM after the first logged step and before the end
+# (and test_preemption's and test_goodput's runs compile the same train step).
 ARGS = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
         "--config.eval_every_steps=0",
         "--config.checkpoint_every_steps=100000")
@@ -447,7 +448,7 @@ def test_a_bucket_gone_for_good_is_one_line_within_the_lease(
     run = Run(tmp_path / "run", server.env() | {runlock.LEASE_ENV: "10"})
     proc = run.start("gs://going/run", f"--config.data_dir={mnist_dir}",
                      "--config.download=false",
-                     "--config.num_train_steps=40",
+                     f"--config.num_train_steps={STEPS}",
                      "--config.eval_every_steps=100000",
                      "--config.checkpoint_every_steps=10",
                      "--config.log_every_steps=10")
